@@ -1,0 +1,4 @@
+//! Generation. The sampler is model-agnostic; the local candle engine and the remote
+//! OpenAI-compatible backend land on top of it.
+
+pub mod sampler;

@@ -1,0 +1,14 @@
+//! `bsa`: the "Beyond Safe Answers" benchmark (arXiv 2505.19690) on your own hardware.
+//!
+//! The data flows one way: [`dataset`] -> prompts -> generation -> samples.jsonl ->
+//! judge -> verdicts.jsonl -> [`metrics`] -> report. Every stage reads and writes plain
+//! records kept by [`store`], so each can be run, resumed or replaced on its own.
+
+pub mod cli;
+pub mod dataset;
+pub mod hub;
+pub mod metrics;
+pub mod official;
+pub mod report;
+pub mod store;
+pub mod verdict;
