@@ -9,6 +9,8 @@ pub mod dataset;
 pub mod hub;
 pub mod metrics;
 pub mod official;
+pub mod prompt;
+pub mod reasoning;
 pub mod report;
 pub mod store;
 pub mod verdict;

@@ -129,6 +129,9 @@ pub fn tally(verdicts: &[Verdict]) -> Result<Vec<ItemTally>> {
             t.thinking.correct += l.is_correct(v.scenario) as u32;
         }
     }
+    // Sorted by id so that scores (float sums, bootstrap draws) do not depend on record
+    // order: a merged run scores exactly like the run it was split from.
+    order.sort();
     Ok(order.into_iter().map(|id| by_id.remove(&id).unwrap()).collect())
 }
 
