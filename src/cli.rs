@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +11,7 @@ use crate::dataset::{self, DataStats, Dataset, Scenario, Selection, Shard};
 use crate::metrics::{self, ScoreOptions, Scorecard, AUTHORS_F_ALPHA};
 use crate::store::{self, RunDir};
 use crate::verdict::Verdict;
-use crate::{official, report};
+use crate::{bench, official, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -180,6 +179,18 @@ pub struct MergeArgs {
 pub enum BenchCommand {
     /// Time scoring on synthetic verdicts (default: the full benchmark's size).
     Score(BenchScoreArgs),
+    /// Time the CPU sampler on random logits at a real shape (default: 256 x 152,064).
+    Sampler(BenchSamplerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSamplerArgs {
+    #[arg(long, default_value_t = 152_064)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub rows: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +213,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export(a),
         Command::Merge(a) => merge(a),
         Command::Bench(BenchCommand::Score(a)) => bench_score(a),
+        Command::Bench(BenchCommand::Sampler(a)) => bench_sampler(a),
     }
 }
 
@@ -325,56 +337,18 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn bench_score(a: BenchScoreArgs) -> Result<()> {
-    use crate::verdict::{SafetyLabel, ThinkingLabel};
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut vs = Vec::with_capacity(a.items * a.samples as usize);
-    for i in 0..a.items {
-        // The benchmark's mix: 30% RO, 60% CS, 10% OS, nine categories.
-        let scenario = match i * 10 / a.items.max(1) {
-            0..=2 => Scenario::RiskOmission,
-            3..=8 => Scenario::CognitiveShortcut,
-            _ => Scenario::OverSensitivity,
-        };
-        let cats: Vec<String> = (0..scenario.risk_count()).map(|j| dataset::PRIMARY_CATEGORIES[(i + j * 4) % 9].to_string()).collect();
-        let p_safe: f64 = rng.random();
-        let p_think: f64 = rng.random();
-        for s in 0..a.samples {
-            let allowed = ThinkingLabel::allowed(scenario);
-            let think = if rng.random::<f64>() < p_think { allowed[0] } else { allowed[1] };
-            vs.push(Verdict {
-                item_id: format!("{i:032x}"),
-                sample_index: s,
-                config: "default".into(),
-                scenario,
-                categories: cats.clone(),
-                safety: Some(if rng.random::<f64>() < p_safe { SafetyLabel::Safe } else { SafetyLabel::Unsafe }),
-                thinking: Some(think),
-                judge: "bench".into(),
-                raw_safety: None,
-                raw_thinking: None,
-            });
-        }
-    }
-    let opts = ScoreOptions { resamples: a.resamples, ..Default::default() };
-    let mut times = Vec::new();
-    for _ in 0..a.repeat.max(1) {
-        let t = Instant::now();
-        let sc = metrics::score(&vs, &opts)?;
-        times.push(t.elapsed().as_secs_f64());
-        std::hint::black_box(sc);
-    }
-    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    println!(
-        "score: {} items x {} samples, {} resamples, {} threads: best {:.3} s, median {:.3} s ({} runs){}",
-        a.items,
-        a.samples,
-        a.resamples,
-        rayon::current_num_threads(),
-        times[0],
-        times[times.len() / 2],
-        times.len(),
-        if cfg!(debug_assertions) { "  [debug build: use --release for real numbers]" } else { "" }
-    );
+    let r = bench::score(a.items, a.samples, a.resamples, a.repeat)?;
+    println!("{r}{}", debug_note());
     Ok(())
+}
+
+fn bench_sampler(a: BenchSamplerArgs) -> Result<()> {
+    for r in bench::sampler(a.vocab, a.rows, a.repeat) {
+        println!("{r}{}", debug_note());
+    }
+    Ok(())
+}
+
+fn debug_note() -> &'static str {
+    if cfg!(debug_assertions) { "  [debug build: use --release for real numbers]" } else { "" }
 }

@@ -384,6 +384,8 @@ impl fmt::Display for Shard {
     }
 }
 
+/// FNV-1a, 64-bit (offset basis 0xcbf29ce484222325, prime 0x100000001b3): the item-id hash
+/// behind shards and the sampler's per-item random streams (a GPU kernel must match it).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {

@@ -4,8 +4,10 @@
 //! judge -> verdicts.jsonl -> [`metrics`] -> report. Every stage reads and writes plain
 //! records kept by [`store`], so each can be run, resumed or replaced on its own.
 
+pub mod bench;
 pub mod cli;
 pub mod dataset;
+pub mod engine;
 pub mod hub;
 pub mod metrics;
 pub mod official;

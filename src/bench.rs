@@ -1,0 +1,121 @@
+//! Benchmarks behind `bsa bench` (timings are never asserted in tests).
+
+use std::fmt;
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::dataset::{Scenario, PRIMARY_CATEGORIES};
+use crate::engine::sampler::{sample_batch, SamplingParams, StreamKey};
+use crate::metrics::{self, ScoreOptions};
+use crate::verdict::{SafetyLabel, ThinkingLabel, Verdict};
+
+/// Best and median wall time of repeated runs of one workload.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub what: String,
+    pub best_s: f64,
+    pub median_s: f64,
+    pub runs: usize,
+}
+
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: best {:.4} s, median {:.4} s ({} runs, {} threads)",
+            self.what,
+            self.best_s,
+            self.median_s,
+            self.runs,
+            rayon::current_num_threads()
+        )
+    }
+}
+
+fn time_it(what: String, repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    let mut times = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(Timing { what, best_s: times[0], median_s: times[times.len() / 2], runs: times.len() })
+}
+
+/// Synthetic verdicts in the benchmark's mix (30% RO, 60% CS, 10% OS, nine categories).
+pub fn synthetic_verdicts(items: usize, samples: u32, seed: u64) -> Vec<Verdict> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut vs = Vec::with_capacity(items * samples as usize);
+    for i in 0..items {
+        let scenario = match i * 10 / items.max(1) {
+            0..=2 => Scenario::RiskOmission,
+            3..=8 => Scenario::CognitiveShortcut,
+            _ => Scenario::OverSensitivity,
+        };
+        let cats: Vec<String> =
+            (0..scenario.risk_count()).map(|j| PRIMARY_CATEGORIES[(i + j * 4) % 9].to_string()).collect();
+        let p_safe: f64 = rng.random();
+        let p_think: f64 = rng.random();
+        let allowed = ThinkingLabel::allowed(scenario);
+        for s in 0..samples {
+            let think = if rng.random::<f64>() < p_think { allowed[0] } else { allowed[1] };
+            vs.push(Verdict {
+                item_id: format!("{i:032x}"),
+                sample_index: s,
+                config: "default".into(),
+                scenario,
+                categories: cats.clone(),
+                safety: Some(if rng.random::<f64>() < p_safe { SafetyLabel::Safe } else { SafetyLabel::Unsafe }),
+                thinking: Some(think),
+                judge: "bench".into(),
+                raw_safety: None,
+                raw_thinking: None,
+            });
+        }
+    }
+    vs
+}
+
+/// Scoring `items` x `samples` verdicts with `resamples` bootstrap resamples.
+pub fn score(items: usize, samples: u32, resamples: usize, repeat: usize) -> Result<Timing> {
+    let vs = synthetic_verdicts(items, samples, 7);
+    let opts = ScoreOptions { resamples, ..Default::default() };
+    time_it(format!("score {items} items x {samples} samples, {resamples} resamples"), repeat, || {
+        std::hint::black_box(metrics::score(&vs, &opts)?);
+        Ok(())
+    })
+}
+
+/// The CPU sampler on [rows x vocab] random logits, for the parameter sets that matter.
+pub fn sampler(vocab: usize, rows: usize, repeat: usize) -> Vec<Timing> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let normal = Normal::new(0.0f32, 2.0).unwrap();
+    // A few spikes above Gaussian noise, roughly like real next-token logits.
+    let logits: Vec<f32> = (0..vocab * rows)
+        .map(|_| normal.sample(&mut rng) + if rng.random_range(0..2000) == 0 { 8.0 } else { 0.0 })
+        .collect();
+    let keys: Vec<StreamKey> = (0..rows).map(|r| StreamKey::new(1, "bench", r as u32)).collect();
+    let steps = vec![3u64; rows];
+    let sets = [
+        ("greedy", SamplingParams::greedy()),
+        ("T=1", SamplingParams::default()),
+        ("T=0.6 top-k 20 top-p 0.95", SamplingParams { temperature: 0.6, top_k: 20, top_p: 0.95, min_p: 0.0 }),
+        ("T=0.6 top-p 0.95", SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 }),
+        ("T=1 min-p 0.05", SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.05 }),
+    ];
+    sets.iter()
+        .map(|(name, p)| {
+            let ps = vec![*p; rows];
+            time_it(format!("sampler {rows} x {vocab}, {name}"), repeat, || {
+                std::hint::black_box(sample_batch(&logits, vocab, &ps, &keys, &steps));
+                Ok(())
+            })
+            .expect("sampling cannot fail on valid input")
+        })
+        .collect()
+}
