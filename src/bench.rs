@@ -119,3 +119,99 @@ pub fn sampler(vocab: usize, rows: usize, repeat: usize) -> Vec<Timing> {
         })
         .collect()
 }
+
+/// Throughput of the local engine on one workload.
+#[derive(Debug, Clone)]
+pub struct EngineThroughput {
+    pub what: String,
+    pub sequences: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_s: f64,
+    pub total_s: f64,
+}
+
+impl EngineThroughput {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_s.max(1e-9)
+    }
+    /// Decode throughput: the tokens after the first of each sequence, over the time
+    /// after prefill.
+    pub fn decode_tok_s(&self) -> f64 {
+        let decode_tokens = self.new_tokens.saturating_sub(self.sequences);
+        decode_tokens as f64 / (self.total_s - self.prefill_s).max(1e-9)
+    }
+}
+
+impl fmt::Display for EngineThroughput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} sequences, {} prompt + {} new tokens in {:.2} s; prefill {:.1} tok/s, decode {:.1} tok/s, overall {:.1} new tok/s",
+            self.what,
+            self.sequences,
+            self.prompt_tokens,
+            self.new_tokens,
+            self.total_s,
+            self.prefill_tok_s(),
+            self.decode_tok_s(),
+            self.new_tokens as f64 / self.total_s.max(1e-9)
+        )
+    }
+}
+
+/// Runs `groups` through the scheduler twice: once with one new token (the prefill alone),
+/// once to the end with end-of-sequence ignored, so every sample makes `new_tokens`.
+pub fn engine(
+    m: &crate::engine::local::load::LoadedModel,
+    what: &str,
+    prompts: &[Vec<u32>],
+    samples: u32,
+    new_tokens: usize,
+    batch: usize,
+    params: SamplingParams,
+) -> Result<EngineThroughput> {
+    use crate::engine::local::kv_cache::KvCache;
+    use crate::engine::local::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
+    let groups = |max_new: usize| -> Vec<PromptGroup> {
+        let mut tag = 0;
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PromptGroup {
+                prompt: p.clone(),
+                samples: (0..samples)
+                    .map(|s| {
+                        tag += 1;
+                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(0, &format!("bench{i}"), s), max_new_tokens: max_new }
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let device = m.model.device().clone();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + new_tokens;
+    let block_size = 16;
+    let blocks = (max_len.div_ceil(block_size) + 1) * batch.max(samples as usize) + 64;
+    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 2048, eos: Vec::new() };
+    let pass = |max_new: usize| -> Result<(f64, usize)> {
+        let mut cache = KvCache::new(m.model.config(), block_size, blocks, candle_core::DType::F32, &device)?;
+        let mut produced = 0usize;
+        let t = Instant::now();
+        scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups(max_new), &mut |_, _| false, &mut |f| {
+            produced += f.tokens.len();
+            Ok(())
+        }, &mut |_| {})?;
+        Ok((t.elapsed().as_secs_f64(), produced))
+    };
+    let (prefill_s, _) = pass(1)?;
+    let (total_s, produced) = pass(new_tokens)?;
+    Ok(EngineThroughput {
+        what: what.to_string(),
+        sequences: prompts.len() * samples as usize,
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        new_tokens: produced,
+        prefill_s,
+        total_s,
+    })
+}

@@ -11,7 +11,7 @@ use crate::dataset::{self, DataStats, Dataset, Scenario, Selection, Shard};
 use crate::metrics::{self, ScoreOptions, Scorecard, AUTHORS_F_ALPHA};
 use crate::store::{self, RunDir};
 use crate::verdict::Verdict;
-use crate::{bench, official, report};
+use crate::{bench, generation, official, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +35,10 @@ pub enum Command {
     /// Inspect and validate benchmark data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Sample completions for benchmark items with the local engine into a run directory.
+    Generate(GenerateArgs),
+    /// List the model presets (models/*.toml): hub id, architecture, recommended sampling.
+    Models(ModelsArgs),
     /// Compute every metric from a run's verdicts or from the authors' scorer CSV.
     Score(ScoreArgs),
     /// Write a run's verdicts in the authors' scorer format.
@@ -87,6 +91,86 @@ impl SelectArgs {
         let ids = self.ids.as_deref().map(dataset::read_id_file).transpose()?;
         Ok(Selection { scenarios, categories: self.category.clone(), limit: self.limit, ids, shard: self.shard })
     }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A .gguf file, a model directory (config.json, tokenizer*.json, *.safetensors), a
+    /// preset (`bsa models`) or a hub id OWNER/NAME (from the hub cache; HF_HUB_OFFLINE=1 honoured).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The benchmark data: .csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE].
+    #[arg(long, default_value = "data/sample.csv")]
+    pub data: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Samples per query (k of the metrics; the paper uses 5).
+    #[arg(long, default_value_t = 5)]
+    pub samples: u32,
+    /// Seed of the per-sample random streams (seed, item id, sample index).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sampling temperature (0 = greedy). Default: the preset's, else 0.6.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass (1 = off). Default: the preset's, else 0.95.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = off). Default: the preset's, else 0.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Drop tokens below min_p times the top probability (0 = off).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Most new tokens per sample. Default: the preset's, else 4096.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Stop a sample when its text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Use this Jinja chat template instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// A system prompt (put before the user turn when the template has no system role).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
+    #[arg(long)]
+    pub enable_thinking: Option<bool>,
+    /// The run directory (created, or resumed when it holds the same job).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// If --out holds a run, leave it alone and start NAME-2 (NAME-3, ...) beside it.
+    #[arg(long)]
+    pub new_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +265,33 @@ pub enum BenchCommand {
     Score(BenchScoreArgs),
     /// Time the CPU sampler on random logits at a real shape (default: 256 x 152,064).
     Sampler(BenchSamplerArgs),
+    /// Prefill and decode throughput of the local engine: single stream and batched on
+    /// synthetic prompts, and a BSA-like job on the sample data's real prompts.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEngineArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Batch sizes to measure on synthetic prompts (1 = single stream).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch_sizes: Vec<usize>,
+    /// Synthetic prompt length in tokens.
+    #[arg(long, default_value_t = 100)]
+    pub prompt_len: usize,
+    /// New tokens per sequence (end-of-sequence ignored).
+    #[arg(long, default_value_t = 256)]
+    pub new_tokens: usize,
+    /// Also run the BSA-like job: every item of DATA x --job-samples samples, batch --job-batch.
+    #[arg(long)]
+    pub job_data: Option<String>,
+    #[arg(long, default_value_t = 5)]
+    pub job_samples: u32,
+    #[arg(long, default_value_t = 64)]
+    pub job_batch: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -209,12 +320,75 @@ pub struct BenchScoreArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(DataCommand::Stats(a)) => data_stats(a),
+        Command::Generate(a) => generate(a),
+        Command::Models(a) => models(a),
         Command::Score(a) => score(a),
         Command::Export(a) => export(a),
         Command::Merge(a) => merge(a),
         Command::Bench(BenchCommand::Score(a)) => bench_score(a),
         Command::Bench(BenchCommand::Sampler(a)) => bench_sampler(a),
+        Command::Bench(BenchCommand::Engine(a)) => bench_engine(a),
     }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let opts = generation::GenerateOptions {
+        model: a.model,
+        device: a.device,
+        dtype: a.dtype,
+        data: a.data,
+        selection: a.select.to_selection()?,
+        samples: a.samples,
+        seed: a.seed,
+        decoding: generation::DecodingOverrides {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            min_p: a.min_p,
+            max_new_tokens: a.max_new_tokens,
+            stop: a.stop,
+        },
+        batch_size: a.batch_size,
+        prefill_chunk: a.prefill_chunk,
+        kv_cache_mb: a.kv_cache_mb,
+        block_size: a.block_size,
+        chat_template: a.chat_template,
+        system: a.system,
+        enable_thinking: a.enable_thinking,
+        out: a.out,
+        on_existing: if a.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
+        progress: !a.quiet,
+    };
+    let s = generation::generate(&opts)?;
+    if s.written == 0 {
+        println!("{}: all {} samples were already there; nothing to do", s.run.display(), s.skipped);
+    } else {
+        println!(
+            "{}: wrote {} samples ({} already there) in {:.1} s: {} completion tokens, {:.1} tok/s",
+            s.run.display(),
+            s.written,
+            s.skipped,
+            s.seconds,
+            s.completion_tokens,
+            s.completion_tokens as f64 / s.seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn models(a: ModelsArgs) -> Result<()> {
+    let ps = crate::engine::preset::all();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ps)?);
+        return Ok(());
+    }
+    println!("{:<22} {:<42} {:<6} {:>5} {:>5} {:>5} {:>6}  think", "preset", "hub id", "arch", "T", "top-p", "top-k", "max");
+    for p in ps {
+        let s = &p.sampling;
+        let think = if !p.reasoning { "none".to_string() } else if p.think.prefilled { format!("{} pre-filled", p.think.open) } else { p.think.open.clone() };
+        println!("{:<22} {:<42} {:<6} {:>5} {:>5} {:>5} {:>6}  {think}", p.name, p.hub_id, p.architecture, s.temperature, s.top_p, s.top_k, s.max_new_tokens);
+    }
+    Ok(())
 }
 
 fn data_stats(a: StatsArgs) -> Result<()> {
@@ -345,6 +519,33 @@ fn bench_score(a: BenchScoreArgs) -> Result<()> {
 fn bench_sampler(a: BenchSamplerArgs) -> Result<()> {
     for r in bench::sampler(a.vocab, a.rows, a.repeat) {
         println!("{r}{}", debug_note());
+    }
+    Ok(())
+}
+
+fn bench_engine(a: BenchEngineArgs) -> Result<()> {
+    use crate::engine::local::load;
+    use crate::engine::sampler::SamplingParams;
+    let device = load::device(&a.device)?;
+    let dtype = load::dtype("auto", &device)?;
+    let m = load::load(&a.model, &device, dtype)?;
+    eprintln!("{} on {:?}, {} threads, greedy, end-of-sequence ignored{}", m.description.id, device, rayon::current_num_threads(), debug_note());
+    // Synthetic prompts: a fixed token pattern of the requested length, distinct per sequence.
+    let vocab = m.config.vocab_size as u32;
+    for &b in &a.batch_sizes {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|i| (0..a.prompt_len).map(|j| ((i * 7919 + j * 104_729) as u32 % (vocab - 1)) + 1).collect()).collect();
+        let r = bench::engine(&m, &format!("batch {b}"), &prompts, 1, a.new_tokens, b, SamplingParams::greedy())?;
+        println!("{r}");
+    }
+    if let Some(data) = &a.job_data {
+        let ds = Dataset::load(data)?;
+        let prompter = generation::Prompter::new(&m, None, None, None)?;
+        let prompts = ds.items.iter().map(|it| generation::tokenize_prompt(&m, &prompter.render(&it.query)?)).collect::<Result<Vec<_>>>()?;
+        let what = format!("BSA-like job: {} queries x {} samples, batch {}", prompts.len(), a.job_samples, a.job_batch);
+        // The job samples as the model's preset says (the k samples of a query must differ).
+        let params = m.preset.as_ref().map_or(SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 }, |p| p.sampling.params());
+        let r = bench::engine(&m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params)?;
+        println!("{r}");
     }
     Ok(())
 }

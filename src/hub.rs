@@ -68,6 +68,37 @@ fn is_data_file(name: &str) -> bool {
     n.ends_with(".csv") || n.ends_with(".jsonl")
 }
 
+/// Resolves one file of a model repo, cache first; None when the repo lacks that file
+/// (so callers can try alternatives such as a sharded index).
+pub fn resolve_model_file(repo_id: &str, file: &str) -> Result<Option<PathBuf>> {
+    let repo = Repo::new(repo_id.to_string(), RepoType::Model);
+    let cache = cache();
+    if let Some(p) = cache.repo(repo.clone()).get(file) {
+        return Ok(Some(p));
+    }
+    if offline() {
+        // Offline, a file missing from a snapshot that exists is simply not in the repo.
+        if cached_snapshot(&cache, &repo).is_some() {
+            return Ok(None);
+        }
+        bail!(
+            "the model {repo_id} is not in the hub cache at {} and HF_HUB_OFFLINE is set; download it once online (huggingface-cli download {repo_id}), or pass a local directory or .gguf file to --model",
+            cache.path().display()
+        );
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(true)
+        .build()
+        .context("cannot start the hub client")?;
+    match api.repo(repo).get(file) {
+        Ok(p) => Ok(Some(p)),
+        Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+        Err(e) => Err(anyhow::anyhow!(e)).with_context(|| {
+            format!("cannot fetch {file} of the model {repo_id} from the hub (offline? set HF_HUB_OFFLINE=1 to use the cache only)")
+        }),
+    }
+}
+
 /// Resolves `OWNER/NAME[/FILE]` of a dataset repo to a local file. Without FILE the repo
 /// must hold exactly one `.csv`/`.jsonl` file.
 pub fn resolve_dataset_file(spec: &str) -> Result<PathBuf> {

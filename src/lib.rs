@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod engine;
+pub mod generation;
 pub mod hub;
 pub mod metrics;
 pub mod official;

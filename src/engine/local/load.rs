@@ -1,0 +1,362 @@
+//! Finding and loading a model: a local directory (config.json, tokenizer.json,
+//! tokenizer_config.json, *.safetensors), a single GGUF file (tokenizer and chat template
+//! from its metadata), a preset name (`models/*.toml`), or a hub id resolved through the
+//! hub cache.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::models::{self, Architecture, CausalLM, ModelConfig};
+use super::tokenizer;
+use crate::engine::preset::{self, Preset};
+use crate::hub;
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    Dir(PathBuf),
+    /// A hub model id; its files are resolved through the cache.
+    Hub(String),
+}
+
+/// Where fetched GGUF presets live (scripts/fetch-smollm2.sh puts SmolLM2 there).
+pub fn model_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BSA_MODEL_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    base.join("bsa").join("models")
+}
+
+/// Interprets `--model`: a path, then a preset name, then a hub id.
+pub fn resolve(spec: &str) -> Result<(ModelSource, Option<Preset>)> {
+    let p = Path::new(spec);
+    if p.exists() {
+        if p.is_dir() {
+            if !p.join("config.json").exists() {
+                bail!(
+                    "{}: the model directory has no config.json; a model directory needs config.json, tokenizer.json, tokenizer_config.json and *.safetensors",
+                    p.display()
+                );
+            }
+            return Ok((ModelSource::Dir(p.to_path_buf()), None));
+        }
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Ok((ModelSource::Gguf(p.to_path_buf()), None));
+        }
+        bail!("{}: not a .gguf file or a model directory", p.display());
+    }
+    if let Some(pr) = preset::find(spec) {
+        if let Some(file) = &pr.gguf_file {
+            let path = model_cache_dir().join(file);
+            if !path.exists() {
+                bail!(
+                    "the preset {} uses {} which is not at {}; fetch it with scripts/fetch-smollm2.sh (or set BSA_MODEL_CACHE)",
+                    pr.name,
+                    file,
+                    path.display()
+                );
+            }
+            return Ok((ModelSource::Gguf(path), Some(pr)));
+        }
+        return Ok((ModelSource::Hub(pr.hub_id.clone()), Some(pr)));
+    }
+    if spec.ends_with(".gguf") || spec.starts_with('.') || spec.starts_with('/') {
+        bail!("{spec}: no such file; check the path given to --model");
+    }
+    if spec.split('/').count() == 2 && !spec.starts_with('/') {
+        return Ok((ModelSource::Hub(spec.to_string()), None));
+    }
+    bail!("--model {spec:?} is not a file, a model directory, a preset (see `bsa models`) or a hub id OWNER/NAME")
+}
+
+/// A file the model was loaded from, with its content hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What the manifest records about a model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDescription {
+    pub id: String,
+    pub architecture: String,
+    pub dtype: String,
+    pub device: String,
+    pub files: Vec<ModelFile>,
+}
+
+/// A loaded model with everything needed to prompt it.
+pub struct LoadedModel {
+    pub model: Box<dyn CausalLM>,
+    pub config: ModelConfig,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    pub add_bos: bool,
+    pub eos_token: Option<String>,
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+    pub description: ModelDescription,
+    pub preset: Option<Preset>,
+}
+
+/// Parses `--device`: `cpu`, `cuda`, `cuda:N`, `metal`, or `auto` (the best available).
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else if candle_core::utils::metal_is_available() {
+                Ok(Device::new_metal(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this bsa binary was built without CUDA; rebuild with `cargo build --release --features cuda` (or use --device cpu)");
+            }
+            let n: usize = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse()).map_err(|_| anyhow::anyhow!("--device {s}: write cuda or cuda:N"))?;
+            Device::new_cuda(n).with_context(|| format!("--device {s}: no usable CUDA device (is the NVIDIA driver installed?)"))
+        }
+        "metal" => {
+            if !candle_core::utils::metal_is_available() {
+                bail!("--device metal: this bsa binary was built without Metal; rebuild with `cargo build --release --features metal`");
+            }
+            Ok(Device::new_metal(0)?)
+        }
+        s => bail!("--device {s:?}: use auto, cpu, cuda, cuda:N or metal"),
+    }
+}
+
+/// Parses `--dtype`; `auto` is f32 on the CPU and bf16 on a GPU.
+pub fn dtype(spec: &str, device: &Device) -> Result<DType> {
+    Ok(match spec {
+        "auto" => if device.is_cpu() { DType::F32 } else { DType::BF16 },
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        s => bail!("--dtype {s:?}: use auto, f32, bf16 or f16"),
+    })
+}
+
+pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let (source, preset) = resolve(spec)?;
+    let mut m = match &source {
+        ModelSource::Gguf(p) => load_gguf(p, device)?,
+        ModelSource::Dir(d) => load_dir(d, &d.display().to_string(), |name| {
+            let p = d.join(name);
+            Ok(p.exists().then_some(p))
+        }, device, dtype)?,
+        ModelSource::Hub(id) => load_dir(Path::new(id), id, |name| hub::resolve_model_file(id, name), device, dtype)?,
+    };
+    if let Some(pr) = &preset {
+        m.description.id = pr.name.clone();
+    }
+    m.preset = preset;
+    Ok(m)
+}
+
+fn gguf_str(content: &candle_core::quantized::gguf_file::Content, key: &str) -> Option<String> {
+    content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let name = path.display().to_string();
+    let mut reader = BufReader::new(File::open(path).with_context(|| format!("cannot open {name}"))?);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader)
+        .map_err(|e| anyhow::anyhow!("{name}: not a GGUF model file ({e}); --model takes a .gguf file, a model directory or a hub id"))?;
+    let arch = gguf_str(&content, "general.architecture")
+        .ok_or_else(|| anyhow::anyhow!("{name}: the GGUF has no general.architecture: it is not a model"))?;
+    if Architecture::from_gguf_name(&arch).is_none() {
+        bail!("{name}: architecture {arch:?} is not supported yet; supported: llama, qwen2, qwen3");
+    }
+    let config = ModelConfig::from_gguf(&content).with_context(|| format!("{name}: reading the model configuration"))?;
+    let tok = tokenizer::from_gguf(&content).with_context(|| format!("{name}: building the tokenizer"))?;
+    let model = models::load_gguf(&config, &content, &mut reader, device).with_context(|| format!("{name}: loading the weights"))?;
+    let id = gguf_str(&content, "general.name").unwrap_or_else(|| path.file_stem().map_or(name.clone(), |s| s.to_string_lossy().into_owned()));
+    Ok(LoadedModel {
+        model,
+        config,
+        tokenizer: tok.tokenizer,
+        bos_token: Some(tok.bos_token).filter(|s| !s.is_empty()),
+        bos_id: tok.bos_id,
+        add_bos: tok.add_bos,
+        eos_token: Some(tok.eos_token).filter(|s| !s.is_empty()),
+        eos_ids: tok.eos_ids,
+        chat_template: tok.chat_template,
+        description: ModelDescription {
+            id,
+            architecture: arch,
+            dtype: "gguf".into(),
+            device: format!("{device:?}"),
+            files: vec![file_hash(path)?],
+        },
+        preset: None,
+    })
+}
+
+/// A token in tokenizer_config.json is a string or an AddedToken object.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// Loads a Hugging Face layout, local or from the hub; `fetch` maps a file name to a path
+/// (None when the model has no such file).
+fn load_dir(
+    dir: &Path,
+    label: &str,
+    fetch: impl Fn(&str) -> Result<Option<PathBuf>>,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel> {
+    let need = |name: &str| -> Result<PathBuf> {
+        fetch(name)?.ok_or_else(|| anyhow::anyhow!("{label}: missing {name}; a model directory needs config.json, tokenizer.json, tokenizer_config.json and *.safetensors"))
+    };
+    let config_path = need("config.json")?;
+    let config_text = std::fs::read_to_string(&config_path)?;
+    let config = ModelConfig::from_hf_config(&config_text).with_context(|| format!("{}", config_path.display()))?;
+    let tokenizer_path = need("tokenizer.json")?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tokenizer_path.display()))?;
+    let tcfg = match fetch("tokenizer_config.json")? {
+        Some(p) => read_json(&p)?,
+        None => Value::Null,
+    };
+    let chat_template = match tcfg.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        // Newer files list named templates; the default one is what chat uses.
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str))
+            .map(str::to_string),
+        _ => None,
+    }
+    .or_else(|| fetch("chat_template.jinja").ok().flatten().and_then(|p| std::fs::read_to_string(p).ok()));
+    let bos_token = token_text(tcfg.get("bos_token"));
+    let eos_token = token_text(tcfg.get("eos_token"));
+    let add_bos = tcfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    let bos_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+    // End of generation: generation_config.json, else config.json, else the eos token.
+    let config_json: Value = serde_json::from_str(&config_text)?;
+    let gen_cfg = fetch("generation_config.json")?.map(|p| read_json(&p)).transpose()?.unwrap_or(Value::Null);
+    let mut eos_ids: Vec<u32> = Vec::new();
+    for v in [gen_cfg.get("eos_token_id"), config_json.get("eos_token_id")].into_iter().flatten() {
+        match v {
+            Value::Number(n) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
+            Value::Array(a) => eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
+            _ => {}
+        }
+        if !eos_ids.is_empty() {
+            break;
+        }
+    }
+    if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if !eos_ids.contains(&id) {
+            eos_ids.push(id);
+        }
+    }
+    // Weights: one file or a sharded index.
+    let mut weight_files = Vec::new();
+    if let Some(p) = fetch("model.safetensors")? {
+        weight_files.push(p);
+    } else if let Some(index) = fetch("model.safetensors.index.json")? {
+        let idx = read_json(&index)?;
+        let mut shards: Vec<String> = idx
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow::anyhow!("{}: no weight_map", index.display()))?
+            .values()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        shards.sort();
+        shards.dedup();
+        for s in shards {
+            weight_files.push(need(&s)?);
+        }
+    } else {
+        bail!("{label}: no model.safetensors or model.safetensors.index.json; the weights must be safetensors");
+    }
+    if dtype == DType::BF16 && device.is_cpu() {
+        // candle's CPU matmul has no bf16 kernels worth using; say so instead of crawling.
+        bail!("--dtype bf16 is not supported on the CPU; use --dtype f32 (the default there)");
+    }
+    // SAFETY: the files are memory-mapped read-only and not modified while the model lives.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weight_files, dtype, device)? };
+    let model = models::load_safetensors(&config, vb).with_context(|| format!("{label}: loading the weights"))?;
+    let mut files = vec![file_hash(&config_path)?];
+    for f in &weight_files {
+        files.push(file_hash(f)?);
+    }
+    let _ = dir;
+    Ok(LoadedModel {
+        model,
+        config: config.clone(),
+        tokenizer,
+        bos_token,
+        bos_id,
+        add_bos,
+        eos_token,
+        eos_ids,
+        chat_template,
+        description: ModelDescription {
+            id: label.to_string(),
+            architecture: format!("{:?}", config.arch).to_lowercase(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: format!("{device:?}"),
+            files,
+        },
+        preset: None,
+    })
+}
+
+/// Content hash of a model file. Files in the hub cache are named by their hash already
+/// (the blob a snapshot links to), which saves reading tens of gigabytes.
+pub fn file_hash(path: &Path) -> Result<ModelFile> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let bytes = meta.len();
+    if let Ok(target) = std::fs::canonicalize(path) {
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if target.parent().is_some_and(|p| p.ends_with("blobs")) && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(ModelFile { path: path.display().to_string(), bytes, sha256: name });
+        }
+    }
+    let mut f = File::open(path)?;
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut buf = vec![0u8; 1 << 20];
+    f.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha2::Digest::update(&mut hasher, &buf[..n]);
+    }
+    let digest = sha2::Digest::finalize(hasher);
+    Ok(ModelFile { path: path.display().to_string(), bytes, sha256: digest.iter().map(|b| format!("{b:02x}")).collect() })
+}

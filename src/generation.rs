@@ -1,0 +1,367 @@
+//! `bsa generate`: benchmark items -> prompts -> the local engine -> samples.jsonl.
+//!
+//! Each (item, sample index, decoding config) is one record, appended as soon as it is
+//! finished; a rerun skips the records already there. Sample i of item x always draws from
+//! the random stream (seed, x, i), so what a sample says does not depend on the batch it
+//! ran in or on which samples a resumed run still had to do.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, Item, Scenario, Selection};
+use crate::engine::local::kv_cache::KvCache;
+use crate::engine::local::load::{self, LoadedModel};
+use crate::engine::local::scheduler::{self, FinishReason, PromptGroup, SampleSpec, SchedulerConfig};
+use crate::engine::sampler::{SamplingParams, StreamKey};
+use crate::prompt::{with_system, ChatTemplate, Message, RenderOptions};
+use crate::reasoning::{split_completion, ThinkConvention};
+use crate::store::{DatasetRef, JobSpec, OnExisting, RunDir};
+
+/// The decoding configuration of a run, as recorded in the manifest and every sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decoding {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub min_p: f32,
+    pub max_new_tokens: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+impl Decoding {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p }
+    }
+}
+
+/// Flags that override the preset's (or the built-in) decoding defaults.
+#[derive(Debug, Clone, Default)]
+pub struct DecodingOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+/// One line of samples.jsonl: a Query-Thinking-Response triple and how it was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub item_id: String,
+    pub sample_index: u32,
+    pub config: String,
+    pub scenario: Scenario,
+    pub categories: Vec<String>,
+    pub seed: u64,
+    pub decoding: Decoding,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub thinking: String,
+    pub response: String,
+    /// The completion exactly as decoded, before splitting.
+    pub raw: String,
+    pub finish_reason: FinishReason,
+    /// The thinking never closed (cut by max_new_tokens): the response is empty.
+    pub truncated: bool,
+    /// Seconds from the start of this generation pass to this sample's last token.
+    pub elapsed_s: f64,
+}
+
+impl SampleRecord {
+    pub fn key(&self) -> String {
+        crate::verdict::record_key(&self.item_id, self.sample_index, &self.config)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub data: String,
+    pub selection: Selection,
+    pub samples: u32,
+    pub seed: u64,
+    pub decoding: DecodingOverrides,
+    pub batch_size: usize,
+    pub prefill_chunk: usize,
+    pub kv_cache_mb: usize,
+    pub block_size: usize,
+    pub chat_template: Option<PathBuf>,
+    pub system: Option<String>,
+    pub enable_thinking: Option<bool>,
+    pub out: PathBuf,
+    pub on_existing: OnExisting,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerateSummary {
+    pub run: PathBuf,
+    pub written: usize,
+    pub skipped: usize,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub seconds: f64,
+}
+
+/// The prompt side of a model: its chat template, special tokens and think convention.
+pub struct Prompter {
+    template: ChatTemplate,
+    template_source: String,
+    system_role: bool,
+    enable_thinking: Option<bool>,
+    system: Option<String>,
+    think: ThinkConvention,
+}
+
+impl Prompter {
+    pub fn new(m: &LoadedModel, override_template: Option<&PathBuf>, system: Option<String>, enable_thinking: Option<bool>) -> Result<Prompter> {
+        let source = match override_template {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read --chat-template {}", p.display()))?,
+            None => m.chat_template.clone().ok_or_else(|| {
+                anyhow::anyhow!("the model {} has no chat template; pass one with --chat-template FILE (a Jinja file like the chat_template of tokenizer_config.json)", m.description.id)
+            })?,
+        };
+        let template = ChatTemplate::new(&source, m.bos_token.as_deref().unwrap_or(""), m.eos_token.as_deref().unwrap_or(""))?;
+        let system_role = m.preset.as_ref().map_or_else(|| template.supports_system_role(), |p| p.template.system_role);
+        let enable_thinking = enable_thinking.or(m.preset.as_ref().and_then(|p| p.template.enable_thinking));
+        let mut think = m.preset.as_ref().map_or_else(ThinkConvention::default, |p| ThinkConvention {
+            open: p.think.open.clone(),
+            close: p.think.close.clone(),
+            prefilled_open: p.think.prefilled,
+        });
+        let mut p = Prompter { template, template_source: source, system_role, enable_thinking, system, think: think.clone() };
+        // Whether the template pre-fills the think tag is read off a rendered prompt, since
+        // revisions of one model's template differ (the R1 distills changed in 2025).
+        let probe = p.render("hello")?;
+        think.prefilled_open = probe.trim_end().ends_with(think.open.as_str());
+        p.think = think;
+        Ok(p)
+    }
+
+    pub fn render(&self, query: &str) -> Result<String> {
+        let mut messages = vec![Message::user(query)];
+        if let Some(sys) = &self.system {
+            messages = with_system(&messages, sys, self.system_role).0;
+        }
+        let opts = RenderOptions { add_generation_prompt: true, enable_thinking: self.enable_thinking, extra: Default::default() };
+        self.template.render(&messages, &opts)
+    }
+
+    pub fn think(&self) -> &ThinkConvention {
+        &self.think
+    }
+
+    pub fn template_sha256(&self) -> String {
+        crate::dataset::hex_sha256(self.template_source.as_bytes())
+    }
+}
+
+/// Tokenizes a rendered prompt: the template writes special tokens as text, so they are
+/// parsed as tokens, and a BOS is added only when the model wants one and the text lacks it.
+pub fn tokenize_prompt(m: &LoadedModel, text: &str) -> Result<Vec<u32>> {
+    let enc = m.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
+    let mut ids = Vec::with_capacity(enc.len() + 1);
+    if let (true, Some(bos), Some(bos_text)) = (m.add_bos, m.bos_id, m.bos_token.as_deref()) {
+        if !text.starts_with(bos_text) {
+            ids.push(bos);
+        }
+    }
+    ids.extend_from_slice(enc.get_ids());
+    Ok(ids)
+}
+
+pub fn decoding_for(m: &LoadedModel, o: &DecodingOverrides) -> Result<Decoding> {
+    let base = m.preset.as_ref().map(|p| p.sampling.clone());
+    let d = Decoding {
+        temperature: o.temperature.or(base.as_ref().map(|b| b.temperature)).unwrap_or(0.6),
+        top_p: o.top_p.or(base.as_ref().map(|b| b.top_p)).unwrap_or(0.95),
+        top_k: o.top_k.or(base.as_ref().map(|b| b.top_k)).unwrap_or(0),
+        min_p: o.min_p.or(base.as_ref().map(|b| b.min_p)).unwrap_or(0.0),
+        max_new_tokens: o.max_new_tokens.or(base.as_ref().map(|b| b.max_new_tokens)).unwrap_or(4096),
+        stop: o.stop.clone(),
+    };
+    d.params().validate().map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
+    if d.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    Ok(d)
+}
+
+/// Runs (or resumes) a generation into `opts.out`.
+pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
+    if opts.samples == 0 {
+        bail!("--samples must be at least 1 (the paper uses 5)");
+    }
+    let dataset = Dataset::load(&opts.data)?;
+    let items = dataset.select(&opts.selection)?;
+    if items.is_empty() {
+        bail!("the selection matches no item of {}; loosen --scenario/--category/--ids/--shard", dataset.source);
+    }
+    let device = load::device(&opts.device)?;
+    let dtype = load::dtype(&opts.dtype, &device)?;
+    let m = load::load(&opts.model, &device, dtype)?;
+    let decoding = decoding_for(&m, &opts.decoding)?;
+    let prompter = Prompter::new(&m, opts.chat_template.as_ref(), opts.system.clone(), opts.enable_thinking)?;
+
+    let job = JobSpec {
+        dataset: Some(DatasetRef { source: dataset.source.clone(), sha256: dataset.sha256.clone(), items: items.len() }),
+        selection: opts.selection.without_shard(),
+        shard: opts.selection.shard,
+        model: Some(serde_json::json!({
+            "id": m.description.id,
+            "architecture": m.description.architecture,
+            "files": m.description.files.iter().map(|f| serde_json::json!({"name": PathBuf::from(&f.path).file_name().map(|n| n.to_string_lossy().into_owned()), "sha256": f.sha256})).collect::<Vec<_>>(),
+        })),
+        decoding: Some(serde_json::to_value(&decoding)?),
+        samples: Some(opts.samples),
+        seed: Some(opts.seed),
+        prompt: Some(serde_json::json!({
+            "chat_template_sha256": prompter.template_sha256(),
+            "system": opts.system,
+            "system_placement": if opts.system.is_some() { Some(if prompter.system_role { "system message" } else { "prepended to the user turn" }) } else { None },
+            "enable_thinking": prompter.enable_thinking,
+            "think_tags": [prompter.think.open, prompter.think.close],
+        })),
+        judge: None,
+    };
+    let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;
+    run.manifest.device = Some(m.description.device.clone());
+    run.save_manifest()?;
+    let log = run.samples();
+    let (_, done) = log.read_keyed::<SampleRecord>(SampleRecord::key)?;
+    let config = crate::verdict::default_config();
+
+    // Work list: every missing (item, sample) of the selection.
+    struct Pending<'a> {
+        item: &'a Item,
+        sample: u32,
+        prompt_tokens: usize,
+    }
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut groups: Vec<PromptGroup> = Vec::new();
+    let mut skipped = 0;
+    for item in &items {
+        let missing: Vec<u32> = (0..opts.samples)
+            .filter(|&s| !done.contains(&crate::verdict::record_key(&item.id, s, &config)))
+            .collect();
+        skipped += opts.samples as usize - missing.len();
+        if missing.is_empty() {
+            continue;
+        }
+        let text = prompter.render(&item.query)?;
+        let prompt = tokenize_prompt(&m, &text)?;
+        if prompt.len() + decoding.max_new_tokens > m.config.max_position_embeddings {
+            eprintln!(
+                "warning: item {}: prompt ({} tokens) + --max-new-tokens {} exceeds the model's context of {}",
+                item.id, prompt.len(), decoding.max_new_tokens, m.config.max_position_embeddings
+            );
+        }
+        let samples = missing
+            .iter()
+            .map(|&s| {
+                pending.push(Pending { item, sample: s, prompt_tokens: prompt.len() });
+                SampleSpec {
+                    tag: pending.len() - 1,
+                    params: decoding.params(),
+                    stream: StreamKey::new(opts.seed, &item.id, s),
+                    max_new_tokens: decoding.max_new_tokens,
+                }
+            })
+            .collect();
+        groups.push(PromptGroup { prompt, samples });
+    }
+    let mut summary = GenerateSummary { run: run.path.clone(), skipped, ..Default::default() };
+    if pending.is_empty() {
+        return Ok(summary);
+    }
+
+    let block_size = opts.block_size.max(1);
+    let kv_dtype = if device.is_cpu() { candle_core::DType::F32 } else { dtype };
+    let blocks = KvCache::blocks_for_bytes(&m.config, block_size, opts.kv_cache_mb << 20, kv_dtype);
+    let mut cache = KvCache::new(&m.config, block_size, blocks, kv_dtype, &device)?;
+    let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: m.eos_ids.clone() };
+
+    let bar = progress_bar(opts.progress, pending.len() as u64);
+    let mut appender = log.appender()?;
+    let start = Instant::now();
+    let stop_strings = decoding.stop.clone();
+    let tokenizer = &m.tokenizer;
+    let mut stop = |_: usize, toks: &[u32]| -> bool {
+        if stop_strings.is_empty() {
+            return false;
+        }
+        let text = tokenizer.decode(toks, false).unwrap_or_default();
+        stop_strings.iter().any(|s| text.contains(s.as_str()))
+    };
+    let mut decoded_tokens = 0usize;
+    let think = prompter.think().clone();
+    let written = std::cell::Cell::new(0usize);
+    let mut on_done = |f: scheduler::Finished| -> Result<()> {
+        let p = &pending[f.tag];
+        let mut raw = tokenizer.decode(&f.tokens, false).map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
+        if f.finish == FinishReason::StopString {
+            if let Some(cut) = stop_strings.iter().filter_map(|s| raw.find(s.as_str())).min() {
+                raw.truncate(cut);
+            }
+        }
+        let split = split_completion(&raw, &think);
+        let rec = SampleRecord {
+            item_id: p.item.id.clone(),
+            sample_index: p.sample,
+            config: config.clone(),
+            scenario: p.item.scenario,
+            categories: p.item.categories(),
+            seed: opts.seed,
+            decoding: decoding.clone(),
+            prompt_tokens: p.prompt_tokens,
+            completion_tokens: f.tokens.len(),
+            thinking: split.thinking,
+            response: split.response,
+            raw,
+            finish_reason: f.finish,
+            truncated: split.truncated_thinking,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        appender.append(&rec)?;
+        written.set(written.get() + 1);
+        bar.inc(1);
+        Ok(())
+    };
+    let mut on_step = |s: scheduler::StepStats| {
+        decoded_tokens += s.decode_tokens;
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{:.1} tok/s, {} running", decoded_tokens as f64 / secs, s.running));
+    };
+    scheduler::run(m.model.as_ref(), &mut cache, &sched, groups, &mut stop, &mut on_done, &mut on_step)?;
+    bar.finish_and_clear();
+    summary.written = written.get();
+    summary.seconds = start.elapsed().as_secs_f64();
+    let (recs, _) = log.read_keyed::<SampleRecord>(SampleRecord::key)?;
+    let this_pass: HashSet<(String, u32)> = pending.iter().map(|p| (p.item.id.clone(), p.sample)).collect();
+    for r in recs.iter().filter(|r| this_pass.contains(&(r.item_id.clone(), r.sample_index))) {
+        summary.prompt_tokens += r.prompt_tokens;
+        summary.completion_tokens += r.completion_tokens;
+    }
+    Ok(summary)
+}
+
+fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    // indicatif hides itself when stderr is not a terminal (CI logs stay clean).
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} samples {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar
+}

@@ -1,0 +1,216 @@
+//! The engine on the real SmolLM2-135M-Instruct GGUF: batched generation equals one-by-one
+//! generation, sampling is independent of the batch, the reference implementation agrees,
+//! and `bsa generate` writes, resumes and refuses bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bsa::dataset::Dataset;
+use bsa::engine::local::kv_cache::KvCache;
+use bsa::engine::local::load;
+use bsa::engine::local::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
+use bsa::engine::sampler::{SamplingParams, StreamKey};
+use bsa::generation::{tokenize_prompt, Prompter};
+use candle_core::{DType, Device};
+
+/// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("BSA_REQUIRE_MODEL").is_ok() {
+        panic!("SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set; run scripts/fetch-smollm2.sh", p.display());
+    }
+    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
+    None
+}
+
+fn sample_prompts(m: &load::LoadedModel, n: usize) -> Vec<Vec<u32>> {
+    let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
+    let prompter = Prompter::new(m, None, None, None).unwrap();
+    ds.items.iter().take(n).map(|it| tokenize_prompt(m, &prompter.render(&it.query).unwrap()).unwrap()).collect()
+}
+
+/// Generates with the scheduler; returns the tokens per tag.
+fn run(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size: usize, blocks: usize) -> Vec<Vec<u32>> {
+    let n: usize = groups.iter().map(|g| g.samples.len()).sum();
+    let mut out = vec![Vec::new(); n];
+    let mut cache = KvCache::new(&m.config, block_size, blocks, DType::F32, &Device::Cpu).unwrap();
+    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 256, eos: m.eos_ids.clone() };
+    scheduler::run(
+        m.model.as_ref(),
+        &mut cache,
+        &cfg,
+        groups,
+        &mut |_, _| false,
+        &mut |f| {
+            out[f.tag] = f.tokens;
+            Ok(())
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(cache.free_blocks(), blocks, "every block returned at the end");
+    out
+}
+
+fn groups(prompts: &[Vec<u32>], k: u32, params: SamplingParams, max_new: usize) -> Vec<PromptGroup> {
+    let mut tag = 0;
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PromptGroup {
+            prompt: p.clone(),
+            samples: (0..k)
+                .map(|s| {
+                    tag += 1;
+                    SampleSpec { tag: tag - 1, params, stream: StreamKey::new(7, &format!("item{i}"), s), max_new_tokens: max_new }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let Some(path) = smollm2() else { return };
+    let m = load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let prompts = sample_prompts(&m, 6);
+    // Greedy: batch of 16 with continuous batching vs one sequence at a time.
+    let greedy = SamplingParams::greedy();
+    let batched = run(&m, groups(&prompts, 1, greedy, 24), 16, 16, 512);
+    let single = run(&m, groups(&prompts, 1, greedy, 24), 1, 16, 512);
+    assert_eq!(batched, single);
+    assert!(batched.iter().all(|t| !t.is_empty()));
+    // Sampling: same seed, batch 1 vs 16, k = 3 sharing one prefill: identical samples.
+    let p = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0 };
+    let a = run(&m, groups(&prompts[..3], 3, p, 20), 16, 16, 512);
+    let b = run(&m, groups(&prompts[..3], 3, p, 20), 1, 16, 512);
+    assert_eq!(a, b);
+    // The three samples of a prompt are different draws, not copies.
+    assert!(a[0] != a[1] || a[1] != a[2], "{a:?}");
+}
+
+#[test]
+fn a_tiny_cache_sets_sequences_aside_and_still_finishes_identically() {
+    let Some(path) = smollm2() else { return };
+    let m = load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let prompts = sample_prompts(&m, 4);
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let greedy = SamplingParams::greedy();
+    let roomy = run(&m, groups(&prompts, 2, greedy, 16), 8, 4, 1024);
+    // Room for about one and a half sequences: admission waits and decode preempts.
+    let tight_blocks = (longest + 16).div_ceil(4) * 3 / 2 + 2;
+    let tight = run(&m, groups(&prompts, 2, greedy, 16), 8, 4, tight_blocks);
+    assert_eq!(roomy, tight);
+}
+
+fn bsa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generate_writes_resumes_and_redoes_a_torn_line() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["generate", "--model", path.to_str().unwrap(), "--data", "data/sample.csv", "--limit", "3",
+            "--samples", "2", "--max-new-tokens", "12", "--quiet", "--out", out.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        bsa(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let samples = out.join("samples.jsonl");
+    let first = std::fs::read_to_string(&samples).unwrap();
+    let lines: Vec<serde_json::Value> = first.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        for k in ["item_id", "sample_index", "decoding", "seed", "prompt_tokens", "thinking", "response", "raw", "finish_reason", "completion_tokens", "elapsed_s"] {
+            assert!(l.get(k).is_some(), "{k} missing in {l}");
+        }
+        // SmolLM2 is not a reasoning model: no thinking, the response is the whole text.
+        assert_eq!(l["thinking"], "");
+    }
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["job"]["samples"], 2);
+    assert_eq!(manifest["job"]["model"]["files"][0]["sha256"].as_str().unwrap().len(), 64);
+
+    // Rerun: nothing to do, nothing rewritten.
+    let o = run(&[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to do"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&samples).unwrap(), first);
+
+    // A killed run: the last line torn in half. The rerun redoes exactly that sample, and
+    // the same stream gives the same text.
+    let cut = first.len() - first.lines().last().unwrap().len() / 2 - 1;
+    std::fs::write(&samples, &first[..cut]).unwrap();
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("wrote 1 samples"), "{}", String::from_utf8_lossy(&o.stdout));
+    let redone = std::fs::read_to_string(&samples).unwrap();
+    let strip = |s: &str| s.lines().map(|l| { let mut v: serde_json::Value = serde_json::from_str(l).unwrap(); v["elapsed_s"] = 0.into(); v }).collect::<Vec<_>>();
+    assert_eq!(strip(&redone), strip(&first));
+    assert!(out.join("samples.jsonl.torn").exists());
+
+    // Another decoding on the same run is refused, naming the field; --new-run goes beside.
+    let o = run(&["--temperature", "0.9"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("job.decoding.temperature") && e.contains("--new-run"), "{e}");
+    assert_eq!(std::fs::read_to_string(&samples).unwrap(), redone, "nothing written on refusal");
+    let o = run(&["--temperature", "0.9", "--new-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.path().join("run-2/samples.jsonl").exists());
+}
+
+#[test]
+fn generate_refuses_bad_models_and_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let o_ = out.to_str().unwrap();
+    let e = stderr(&bsa(&["generate", "--model", "/nonexistent/m.gguf", "--out", o_]));
+    assert!(e.contains("m.gguf") && e.contains("no such file"), "{e}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = stderr(&bsa(&["generate", "--model", empty.to_str().unwrap(), "--out", o_]));
+    assert!(e.contains("config.json"), "{e}");
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf at all").unwrap();
+    let e = stderr(&bsa(&["generate", "--model", junk.to_str().unwrap(), "--out", o_]));
+    assert!(e.contains("junk.gguf") && e.contains("not a GGUF"), "{e}");
+    let e = stderr(&bsa(&["generate", "--model", "no-such-preset", "--out", o_]));
+    assert!(e.contains("bsa models"), "{e}");
+    let e = stderr(&bsa(&["generate", "--device", "cuda", "--out", o_]));
+    assert!(e.contains("without CUDA") && e.contains("--features cuda"), "{e}");
+    if let Some(path) = smollm2() {
+        let e = stderr(&bsa(&["generate", "--model", path.to_str().unwrap(), "--top-p", "1.5", "--out", o_]));
+        assert!(e.contains("top-p") && e.contains("1.5"), "{e}");
+    }
+    assert!(!out.join("samples.jsonl").exists());
+}
+
+#[test]
+fn models_lists_the_presets() {
+    let o = bsa(&["models"]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for name in ["qwen3-8b", "r1-distill-qwen-7b", "r1-distill-llama-70b", "qwq-32b", "smollm2-135m"] {
+        assert!(s.contains(name), "{name} missing:\n{s}");
+    }
+}
