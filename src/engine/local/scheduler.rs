@@ -268,23 +268,10 @@ pub fn run(
         }
         let sampled = sample_batch(&expanded, vocab, &params, &keys, &steps);
 
-        // Running sequences take their tokens; finished ones return their blocks.
-        let mut new_running: Vec<Seq> = Vec::with_capacity(running.len());
-        let mut k = 0;
-        for mut s in running.drain(..) {
-            s.generated.push(sampled[k]);
-            k += 1;
-            match finish_reason(&s, cfg, stop) {
-                Some(reason) => {
-                    s.table.release(cache);
-                    stats.finished += 1;
-                    on_done(finished(s, reason))?;
-                }
-                None => new_running.push(s),
-            }
-        }
-        // Completed prefills become sequences (youngest last, so they are set aside first),
-        // taking their sampled tokens in the order the rows were assembled above.
+        // Completed prefills become sequences (youngest last, so they are set aside first):
+        // a prompt's samples share its table, the last one taking it over.
+        let mut receivers: Vec<Seq> = std::mem::take(&mut running);
+        let mut resumed: Vec<Seq> = Vec::new();
         let mut done_prefills: Vec<Prefill> = Vec::with_capacity(completed.len());
         for &pi in completed.iter().rev() {
             done_prefills.push(prefilling.remove(pi));
@@ -295,31 +282,31 @@ pub fn run(
                 PrefillKind::Group { prompt, samples } => {
                     let mut parent = Some(p.table);
                     let n = samples.len();
-                    let mut born = Vec::with_capacity(n);
                     for (j, spec) in samples.into_iter().enumerate() {
-                        // The last sample takes the prompt's table; the others share it.
                         let table = if j + 1 == n { parent.take().unwrap() } else { parent.as_ref().unwrap().fork(cache) };
-                        born.push(Seq { spec, prompt: prompt.clone(), table, generated: Vec::new() });
-                    }
-                    for mut s in born {
-                        s.generated.push(sampled[k]);
-                        k += 1;
-                        match finish_reason(&s, cfg, stop) {
-                            Some(reason) => {
-                                s.table.release(cache);
-                                stats.finished += 1;
-                                on_done(finished(s, reason))?;
-                            }
-                            None => new_running.push(s),
-                        }
+                        receivers.push(Seq { spec, prompt: prompt.clone(), table, generated: Vec::new() });
                     }
                 }
                 PrefillKind::Resume(mut seq) => {
                     seq.table = p.table;
-                    new_running.push(*seq);
+                    resumed.push(*seq);
                 }
             }
         }
+        // Receivers are in the order the sampler's rows were assembled above.
+        let mut new_running: Vec<Seq> = Vec::with_capacity(receivers.len() + resumed.len());
+        for (mut s, &token) in receivers.into_iter().zip(&sampled) {
+            s.generated.push(token);
+            match finish_reason(&s, cfg, stop) {
+                Some(reason) => {
+                    s.table.release(cache);
+                    stats.finished += 1;
+                    on_done(finished(s, reason))?;
+                }
+                None => new_running.push(s),
+            }
+        }
+        new_running.extend(resumed);
         running = new_running;
         stats.running = running.len();
         stats.waiting = waiting.len() + resumes.len() + prefilling.len();
