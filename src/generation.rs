@@ -212,7 +212,12 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     let prompter = Prompter::new(&m, opts.chat_template.as_ref(), opts.system.clone(), opts.enable_thinking)?;
 
     let job = JobSpec {
-        dataset: Some(DatasetRef { source: dataset.source.clone(), sha256: dataset.sha256.clone(), items: items.len() }),
+        // The job's item count is the selection before sharding, so shards of one job agree.
+        dataset: Some(DatasetRef {
+            source: dataset.source.clone(),
+            sha256: dataset.sha256.clone(),
+            items: dataset.select(&opts.selection.without_shard())?.len(),
+        }),
         selection: opts.selection.without_shard(),
         shard: opts.selection.shard,
         model: Some(serde_json::json!({

@@ -214,3 +214,21 @@ fn models_lists_the_presets() {
         assert!(s.contains(name), "{name} missing:\n{s}");
     }
 }
+
+#[test]
+fn shards_of_a_generation_merge_into_the_whole() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for i in 0..2 {
+        let out = dir.path().join(format!("s{i}"));
+        let o = bsa(&["generate", "--model", path.to_str().unwrap(), "--limit", "6", "--samples", "1", "--max-new-tokens", "4",
+            "--quiet", "--shard", &format!("{i}/2"), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        runs.push(out);
+    }
+    let merged = dir.path().join("merged");
+    let o = bsa(&["merge", merged.to_str().unwrap(), runs[0].to_str().unwrap(), runs[1].to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("6 samples"), "{}", String::from_utf8_lossy(&o.stdout));
+}
