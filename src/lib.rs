@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod engine;
 pub mod generation;
 pub mod hub;
+pub mod judge;
 pub mod metrics;
 pub mod official;
 pub mod prompt;
