@@ -75,6 +75,7 @@ pub fn synthetic_verdicts(items: usize, samples: u32, seed: u64) -> Vec<Verdict>
                 judge: "bench".into(),
                 raw_safety: None,
                 raw_thinking: None,
+                prompt_sha256: None,
             });
         }
     }

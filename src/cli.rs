@@ -37,6 +37,10 @@ pub enum Command {
     Data(DataCommand),
     /// Sample completions for benchmark items with the local engine into a run directory.
     Generate(GenerateArgs),
+    /// Label every sample of a run (response safety, thinking) with a judge model.
+    Judge(JudgeArgs),
+    /// The whole benchmark in one command: generate, judge, score (each stage resumes).
+    Eval(EvalArgs),
     /// List the model presets (models/*.toml): hub id, architecture, recommended sampling.
     Models(ModelsArgs),
     /// Compute every metric from a run's verdicts or from the authors' scorer CSV.
@@ -164,6 +168,56 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The judge's settings, shared by `bsa judge` and `bsa eval`.
+#[derive(Debug, Clone, Args)]
+pub struct JudgeOpts {
+    /// The judge: local:MODEL (or just MODEL: a .gguf, a directory, a preset, a hub id).
+    #[arg(long, default_value = "local:smollm2-135m")]
+    pub judge: String,
+    /// A folder with your own rubrics (safety.txt, thinking_risk_omission.txt,
+    /// thinking_cognitive_shortcut.txt, thinking_over_sensitivity.txt) using {query},
+    /// {risk_summary}, {answer}, {reasoning_thinking}; literal braces doubled.
+    #[arg(long, value_name = "DIR")]
+    pub judge_prompts: Option<PathBuf>,
+    /// Most tokens of one judge reply.
+    #[arg(long, default_value_t = 384)]
+    pub judge_max_new_tokens: usize,
+    /// How often an unreadable judge reply is asked again before it is recorded as invalid.
+    #[arg(long, default_value_t = 2)]
+    pub judge_retries: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    /// The run directory (its samples.jsonl is judged into verdicts.jsonl).
+    pub run: PathBuf,
+    #[command(flatten)]
+    pub judge: JudgeOpts,
+    /// The data file, if it moved since generation (it must be the same file, by sha256).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+    #[command(flatten)]
+    pub judge: JudgeOpts,
+    #[command(flatten)]
+    pub score: ScoreOpts,
 }
 
 #[derive(Debug, Args)]
@@ -320,7 +374,9 @@ pub struct BenchScoreArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(DataCommand::Stats(a)) => data_stats(a),
-        Command::Generate(a) => generate(a),
+        Command::Generate(a) => generate(a).map(|_| ()),
+        Command::Judge(a) => judge(a),
+        Command::Eval(a) => eval(a),
         Command::Models(a) => models(a),
         Command::Score(a) => score(a),
         Command::Export(a) => export(a),
@@ -331,7 +387,65 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
+fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, kv_cache_mb: usize, device: String, dtype: String, quiet: bool) -> crate::judge::run::JudgeOptions {
+    crate::judge::run::JudgeOptions {
+        judge: j.judge.clone(),
+        rubrics_dir: j.judge_prompts.clone(),
+        data,
+        max_new_tokens: j.judge_max_new_tokens,
+        retries: j.judge_retries,
+        batch_size,
+        kv_cache_mb,
+        device,
+        dtype,
+        run,
+        progress: !quiet,
+    }
+}
+
+fn print_judge_summary(run: &std::path::Path, s: &crate::judge::run::JudgeSummary) {
+    if s.written == 0 {
+        println!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
+    } else {
+        println!(
+            "{}: judged {} samples ({} already judged) with {} judge calls in {:.1} s; {} label(s) unreadable after retries",
+            run.display(),
+            s.written,
+            s.skipped,
+            s.judge_calls,
+            s.seconds,
+            s.invalid_labels
+        );
+    }
+}
+
+fn judge(a: JudgeArgs) -> Result<()> {
+    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, a.kv_cache_mb, a.device, a.dtype, a.quiet);
+    let s = crate::judge::run::judge(&opts)?;
+    print_judge_summary(&a.run, &s);
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let g = &a.generate;
+    let (batch, kv, device, dtype, quiet) = (g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet);
+    let score_opts = a.score.options();
+    score_opts.validate()?;
+    let run = generate(a.generate)?;
+    let opts = judge_options(&a.judge, run.clone(), None, batch, kv, device, dtype, quiet);
+    let s = crate::judge::run::judge(&opts)?;
+    print_judge_summary(&run, &s);
+    let dir = RunDir::read(&run)?;
+    let cards = score_run(&dir, &score_opts)?;
+    store::write_json_atomic(&run.join(store::SCORES), &cards)?;
+    for (name, sc) in &cards {
+        println!("\n{}", report::scorecard_table(name, sc));
+    }
+    println!("run directory: {} (manifest.json, samples.jsonl, verdicts.jsonl, scores.json)", run.display());
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<PathBuf> {
     let opts = generation::GenerateOptions {
         model: a.model,
         device: a.device,
@@ -373,7 +487,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             s.completion_tokens as f64 / s.seconds.max(1e-9)
         );
     }
-    Ok(())
+    Ok(s.run)
 }
 
 fn models(a: ModelsArgs) -> Result<()> {

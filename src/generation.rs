@@ -146,11 +146,17 @@ impl Prompter {
         Ok(p)
     }
 
+    /// The prompt for one benchmark query (with the system text, if any).
     pub fn render(&self, query: &str) -> Result<String> {
-        let mut messages = vec![Message::user(query)];
-        if let Some(sys) = &self.system {
-            messages = with_system(&messages, sys, self.system_role).0;
-        }
+        self.render_messages(&[Message::user(query)])
+    }
+
+    /// The prompt for a conversation, ending with the assistant's turn to speak.
+    pub fn render_messages(&self, messages: &[Message]) -> Result<String> {
+        let messages = match &self.system {
+            Some(sys) => with_system(messages, sys, self.system_role).0,
+            None => messages.to_vec(),
+        };
         let opts = RenderOptions { add_generation_prompt: true, enable_thinking: self.enable_thinking, extra: Default::default() };
         self.template.render(&messages, &opts)
     }

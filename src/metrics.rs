@@ -483,6 +483,7 @@ mod tests {
             judge: "t".into(),
             raw_safety: None,
             raw_thinking: None,
+            prompt_sha256: None,
         }
     }
 

@@ -107,6 +107,7 @@ pub fn read(path: &Path, items: Option<&[Item]>) -> Result<BTreeMap<String, Vec<
             judge: format!("official-csv:{name}"),
             raw_safety: None,
             raw_thinking: None,
+            prompt_sha256: None,
         });
         *counter += 1;
     }

@@ -131,6 +131,9 @@ pub struct Verdict {
     pub raw_safety: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_thinking: Option<String>,
+    /// The sha256 of the rubric prompts the judge was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_sha256: Option<String>,
 }
 
 pub fn default_config() -> String {
@@ -186,6 +189,7 @@ mod tests {
             judge: "hand".into(),
             raw_safety: None,
             raw_thinking: None,
+            prompt_sha256: None,
         };
         let s = serde_json::to_string(&v).unwrap();
         assert!(s.contains("\"Cognitive Shortcut\"") && s.contains("\"Fully Covered\""), "{s}");

@@ -149,6 +149,7 @@ fn generate_writes_resumes_and_redoes_a_torn_line() {
     }
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["job"]["samples"], 2);
+    assert_eq!(manifest["job"]["prompt"]["system"], serde_json::Value::Null);
     assert_eq!(manifest["job"]["model"]["files"][0]["sha256"].as_str().unwrap().len(), 64);
 
     // Rerun: nothing to do, nothing rewritten.
@@ -174,9 +175,12 @@ fn generate_writes_resumes_and_redoes_a_torn_line() {
     let e = stderr(&o);
     assert!(e.contains("job.decoding.temperature") && e.contains("--new-run"), "{e}");
     assert_eq!(std::fs::read_to_string(&samples).unwrap(), redone, "nothing written on refusal");
-    let o = run(&["--temperature", "0.9", "--new-run"]);
+    let o = run(&["--temperature", "0.9", "--new-run", "--system", "Be careful."]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(dir.path().join("run-2/samples.jsonl").exists());
+    // SmolLM2's template has a system role: the rules go in a system turn, as recorded.
+    let m2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run-2/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m2["job"]["prompt"]["system_placement"], "system message");
 }
 
 #[test]
@@ -201,6 +205,12 @@ fn generate_refuses_bad_models_and_parameters() {
     if let Some(path) = smollm2() {
         let e = stderr(&bsa(&["generate", "--model", path.to_str().unwrap(), "--top-p", "1.5", "--out", o_]));
         assert!(e.contains("top-p") && e.contains("1.5"), "{e}");
+        let e = stderr(&bsa(&["generate", "--model", path.to_str().unwrap(), "--chat-template", "/nonexistent.jinja", "--out", o_]));
+        assert!(e.contains("--chat-template") && e.contains("/nonexistent.jinja"), "{e}");
+        let bad_template = dir.path().join("bad.jinja");
+        std::fs::write(&bad_template, "{% for m in messages %}{{ m.content }").unwrap();
+        let e = stderr(&bsa(&["generate", "--model", path.to_str().unwrap(), "--chat-template", bad_template.to_str().unwrap(), "--out", o_]));
+        assert!(e.contains("chat template failed to parse"), "{e}");
     }
     assert!(!out.join("samples.jsonl").exists());
 }

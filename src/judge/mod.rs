@@ -19,4 +19,5 @@
 //! The judge back ends and the judge loop build on these two modules.
 
 pub mod parse;
+pub mod run;
 pub mod template;

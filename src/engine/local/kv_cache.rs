@@ -269,6 +269,12 @@ impl KvCache {
         Ok(())
     }
 
+    /// The K and V pools of `layer`, `[num_blocks * block_size, n_kv_heads * head_dim]` each,
+    /// for kernels that read cache rows in place instead of gathering them.
+    pub(crate) fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// Reads the cache rows listed in `rows` (a `[m]` u32 tensor) of `layer`: `([m, width], [m, width])`.
     pub(crate) fn gather(&self, layer: usize, rows: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

@@ -1,8 +1,10 @@
 //! The candle engine: model loading, the paged KV cache, batched models, the scheduler.
 //! The device (CPU, CUDA, Metal) is a parameter throughout, not a fork of the code.
 
+pub mod attention;
 pub mod kv_cache;
 pub mod load;
 pub mod models;
+pub mod quant;
 pub mod scheduler;
 pub mod tokenizer;

@@ -13,12 +13,14 @@
 use std::io::{Read, Seek};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::attention::{cpu_f32_slice, paged_attention_cpu, AttnDims, SeqRows};
 use super::kv_cache::{row_index, KvCache};
+use super::quant::Q4_1Matrix;
 
 pub mod llama;
 pub mod qwen2;
@@ -451,6 +453,9 @@ enum LinearWeight {
     Dense(Tensor),
     /// GGUF weight; candle keeps f32/f16 ones dequantized and quantized ones packed.
     Quantized(QMatMul),
+    /// GGUF Q4_1 weight on the CPU, through our batched kernel (see [`crate::engine::local::quant`]):
+    /// candle's Q4_1 dot is scalar and re-reads the weights for every row of a batch.
+    Q4_1(std::sync::Arc<Q4_1Matrix>),
 }
 
 impl Linear {
@@ -468,6 +473,30 @@ impl Linear {
         }
     }
 
+    /// A GGUF weight: Q4_1 on the CPU goes to our kernel, anything else to candle's QMatMul.
+    /// `CANDLE_DEQUANTIZE_ALL(_F16)` (dense reference runs) and `BSA_NO_Q4_1_KERNEL` (A/B
+    /// timing) keep candle's path.
+    pub fn from_qtensor(
+        weight: std::sync::Arc<QTensor>,
+        device: &Device,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        let env_set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+        let ours = device.is_cpu()
+            && !env_set("CANDLE_DEQUANTIZE_ALL")
+            && !env_set("CANDLE_DEQUANTIZE_ALL_F16")
+            && !env_set("BSA_NO_Q4_1_KERNEL");
+        if ours {
+            if let Some(m) = Q4_1Matrix::from_qtensor(&weight)? {
+                return Ok(Self {
+                    weight: LinearWeight::Q4_1(std::sync::Arc::new(m)),
+                    bias,
+                });
+            }
+        }
+        Ok(Self::quantized(QMatMul::from_arc(weight)?, bias))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
@@ -475,6 +504,10 @@ impl Linear {
                 // Quantized kernels take f32 activations.
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+            LinearWeight::Q4_1(m) => {
+                let dtype = x.dtype();
+                m.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
         };
         match &self.bias {
@@ -636,7 +669,8 @@ struct SeqSpan {
     kv_off: usize,
     /// Cached plus new tokens.
     kv_len: usize,
-    /// Additive causal mask `[len, kv_len]`; `None` for a single new token (it sees everything).
+    /// Additive causal mask `[len, kv_len]` for the candle-op path; `None` for a single new
+    /// token (it sees everything) and for the CPU kernel (which masks by position itself).
     mask: Option<Tensor>,
 }
 
@@ -645,8 +679,12 @@ pub struct BatchCtx {
     pub rope: RopeTables,
     /// `[n_tokens, kv_width]` cache rows to write each new token's K/V to.
     write_rows: Tensor,
-    /// Cache rows of every sequence's whole context, sequences one after another.
-    gather_rows: Tensor,
+    /// Cache rows of every sequence's whole context, sequences one after another (a
+    /// sequence's are `context_rows[kv_off..kv_off + kv_len]`).
+    context_rows: Vec<u32>,
+    /// `context_rows` as a tensor for the candle-op attention path; `None` when attention runs
+    /// the CPU kernel, which reads the pool through `context_rows` in place.
+    gather_rows: Option<Tensor>,
     seqs: Vec<SeqSpan>,
     /// Batch rows whose logits are wanted.
     logit_rows: Vec<u32>,
@@ -667,6 +705,7 @@ impl BatchCtx {
             batch.tokens.len()
         );
         let bs = cache.block_size();
+        let candle_path = !uses_cpu_attention_kernel(cache);
         let mut positions = Vec::with_capacity(total);
         let mut write_rows = Vec::with_capacity(total);
         let mut gather_rows = Vec::new();
@@ -696,7 +735,7 @@ impl BatchCtx {
             gather_rows.extend((0..kv_len).map(row));
             write_rows.extend((s.start_pos..kv_len).map(row));
             positions.extend((s.start_pos..kv_len).map(|p| p as u32));
-            let mask = (s.len > 1)
+            let mask = (candle_path && s.len > 1)
                 .then(|| causal_mask(s.start_pos, s.len, device))
                 .transpose()?;
             seqs.push(SeqSpan {
@@ -715,11 +754,25 @@ impl BatchCtx {
         Ok(Self {
             rope: rope.tables(&positions, dtype, device)?,
             write_rows: row_index(&write_rows, cache.row_width(), device)?,
-            gather_rows: Tensor::from_vec(gather_rows, kv_off, device)?,
+            gather_rows: candle_path
+                .then(|| Tensor::new(gather_rows.as_slice(), device))
+                .transpose()?,
+            context_rows: gather_rows,
             seqs,
             logit_rows,
         })
     }
+}
+
+/// Whether attention over this cache runs [`paged_attention_cpu`], reading the pool in place:
+/// CPU caches in f32. Other devices and cache dtypes take the candle-op path.
+/// `BSA_NO_ATTN_KERNEL=1` forces the candle-op path everywhere (A/B timing, debugging).
+fn uses_cpu_attention_kernel(cache: &KvCache) -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let disabled = *DISABLED.get_or_init(|| {
+        std::env::var("BSA_NO_ATTN_KERNEL").is_ok_and(|v| !v.is_empty() && v != "0")
+    });
+    !disabled && cache.device().is_cpu() && cache.dtype() == DType::F32
 }
 
 /// `[len, start + len]` additive mask: new token `i` (position `start + i`) sees keys `0..=start + i`.
@@ -770,7 +823,10 @@ impl PagedAttention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         cache.write(self.layer, &ctx.write_rows, k, v)?;
-        let (k_all, v_all) = cache.gather(self.layer, &ctx.gather_rows)?;
+        let Some(gather_rows) = &ctx.gather_rows else {
+            return self.forward_cpu_kernel(q, k.dtype(), ctx, cache);
+        };
+        let (k_all, v_all) = cache.gather(self.layer, gather_rows)?;
         // Scores and softmax in f32 whatever the cache or activation dtype.
         let k_all = k_all.to_dtype(DType::F32)?;
         let v_all = v_all.to_dtype(DType::F32)?;
@@ -817,6 +873,54 @@ impl PagedAttention {
             Tensor::cat(&outs, 0)?
         };
         Ok(y.to_dtype(k.dtype())?)
+    }
+
+    /// The CPU f32-cache path: one [`paged_attention_cpu`] call over all sequences, reading
+    /// this layer's K/V pools in place (the new tokens' rows are already written).
+    fn forward_cpu_kernel(
+        &self,
+        q: &Tensor,
+        out_dtype: DType,
+        ctx: &BatchCtx,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let d = self.head_dim;
+        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let (n, width) = q.dims2()?;
+        ensure!(
+            width == self.n_heads * d,
+            "attention queries are {width} wide, expected {} heads x {d}",
+            self.n_heads
+        );
+        let seqs: Vec<SeqRows> = ctx
+            .seqs
+            .iter()
+            .map(|s| SeqRows {
+                tok_off: s.tok_off,
+                len: s.len,
+                rows: &ctx.context_rows[s.kv_off..s.kv_off + s.kv_len],
+            })
+            .collect();
+        let (k_pool, v_pool) = cache.pools(self.layer);
+        let y = {
+            // Read guards on the storages, held only while the kernel borrows their data.
+            let (q_st, q_lay) = q.storage_and_layout();
+            let (k_st, k_lay) = k_pool.storage_and_layout();
+            let (v_st, v_lay) = v_pool.storage_and_layout();
+            paged_attention_cpu(
+                cpu_f32_slice(&q_st, q_lay)?,
+                cpu_f32_slice(&k_st, k_lay)?,
+                cpu_f32_slice(&v_st, v_lay)?,
+                &seqs,
+                AttnDims {
+                    heads: self.n_heads,
+                    kv_heads: self.n_kv_heads,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                },
+            )
+        };
+        Ok(Tensor::from_vec(y, (n, width), q.device())?.to_dtype(out_dtype)?)
     }
 }
 
@@ -998,7 +1102,8 @@ impl WeightSource<'_> {
                     "GGUF tensor `{name}` has shape {:?}, expected [{out_dim}, {in_dim}]",
                     q.shape().dims()
                 );
-                Ok(Linear::quantized(QMatMul::from_qtensor(q)?, b))
+                let device = self.device();
+                Linear::from_qtensor(std::sync::Arc::new(q), &device, b)
             }
         }
     }
@@ -1043,8 +1148,10 @@ impl WeightSource<'_> {
         }
         match self {
             WeightSource::Gguf {
-                embed_q: Some(q), ..
-            } => Ok(Linear::quantized(QMatMul::from_arc(q.clone())?, None)),
+                embed_q: Some(q),
+                device,
+                ..
+            } => Linear::from_qtensor(q.clone(), device, None),
             _ => Ok(Linear::dense(embed.clone(), None)),
         }
     }

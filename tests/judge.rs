@@ -1,0 +1,93 @@
+//! `bsa judge` and `bsa eval` with SmolLM2 as the local judge: every sample gets one verdict
+//! with the judge's raw text and the rubric hash, a rerun judges nothing twice, and bad
+//! judge settings are refused before anything is written.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bsa::engine::local::load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {}", p.display());
+    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
+    None
+}
+
+fn bsa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn eval_generates_judges_and_scores_and_resumes() {
+    let Some(model) = smollm2() else { return };
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let args = ["eval", "--model", model, "--judge", model, "--scenario", "RO,OS", "--limit", "3", "--samples", "2",
+        "--max-new-tokens", "12", "--judge-max-new-tokens", "40", "--judge-retries", "1", "--resamples", "50", "--quiet", "--out", out_s];
+    let stdout = ok(&bsa(&args));
+    assert!(stdout.contains("Think@1") && stdout.contains("Safe@1"), "{stdout}");
+    let verdicts: Vec<Value> = std::fs::read_to_string(out.join("verdicts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), 6, "one verdict per sample");
+    for v in &verdicts {
+        assert!(v["raw_safety"].is_string() && v["raw_thinking"].is_string(), "{v}");
+        assert_eq!(v["prompt_sha256"].as_str().unwrap().len(), 64);
+        // SmolLM2 writes no thinking: the rubric's rule labels it, without a judge call.
+        assert_eq!(v["raw_thinking"], bsa::judge::run::EMPTY_THINKING_RULE);
+        assert!(v["thinking"] == "False" || v["thinking"] == "Not Covered", "{v}");
+        // A label is one of the two, or null when the reply stayed unreadable.
+        assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");
+    }
+    let scores: Value = serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
+    let card = scores.as_object().unwrap().values().next().unwrap();
+    assert_eq!(card["think_at_1"], 0.0, "no thinking, no identified risk");
+    assert_eq!(card["items"], 3);
+
+    // Everything is there: a rerun generates and judges nothing.
+    let before = std::fs::read_to_string(out.join("verdicts.jsonl")).unwrap();
+    let stdout = ok(&bsa(&args));
+    assert!(stdout.contains("already judged; nothing to do"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(out.join("verdicts.jsonl")).unwrap(), before);
+
+    // Another judge on the same run is refused, naming the field.
+    let o = bsa(&["judge", out_s, "--judge", model, "--judge-max-new-tokens", "41", "--quiet"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("job.judge.max_new_tokens"), "{e}");
+}
+
+#[test]
+fn bad_judge_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-run/manifest.json"), run.join("manifest.json")).unwrap();
+    let run_s = run.to_str().unwrap();
+    // No samples yet.
+    let e = String::from_utf8_lossy(&bsa(&["judge", run_s]).stderr).into_owned();
+    assert!(e.contains("no samples.jsonl") && e.contains("bsa generate"), "{e}");
+    std::fs::write(run.join("samples.jsonl"), "").unwrap();
+    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge", "openai:gpt@http://127.0.0.1:1"]).stderr).into_owned();
+    assert!(e.contains("openai") && e.contains("local:MODEL"), "{e}");
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir(&prompts).unwrap();
+    std::fs::write(prompts.join("safety.txt"), "{query} {risk_summary} {answer}").unwrap();
+    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge-prompts", prompts.to_str().unwrap()]).stderr).into_owned();
+    assert!(e.contains("thinking_risk_omission.txt"), "{e}");
+    assert!(!run.join("verdicts.jsonl").exists());
+}
