@@ -319,6 +319,8 @@ pub enum BenchCommand {
     Score(BenchScoreArgs),
     /// Time the CPU sampler on random logits at a real shape (default: 256 x 152,064).
     Sampler(BenchSamplerArgs),
+    /// Our batched Q4_1 matmul against candle's QMatMul at SmolLM2's shapes.
+    Quant,
     /// Prefill and decode throughput of the local engine: single stream and batched on
     /// synthetic prompts, and a BSA-like job on the sample data's real prompts.
     Engine(BenchEngineArgs),
@@ -384,6 +386,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Score(a)) => bench_score(a),
         Command::Bench(BenchCommand::Sampler(a)) => bench_sampler(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine(a),
+        Command::Bench(BenchCommand::Quant) => bench_quant(),
     }
 }
 
@@ -660,6 +663,15 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         let params = m.preset.as_ref().map_or(SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 }, |p| p.sampling.params());
         let r = bench::engine(&m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params)?;
         println!("{r}");
+    }
+    Ok(())
+}
+
+fn bench_quant() -> Result<()> {
+    for (out, inp) in [(1536, 576), (576, 1536), (576, 576)] {
+        for (n, ours, candle) in crate::engine::local::quant::bench(out, inp, &[1, 2, 4, 8, 32, 128]) {
+            println!("Q4_1 {out}x{inp}, {n:3} rows: ours {:9.1} us, candle {:9.1} us, {:.1}x{}", ours * 1e6, candle * 1e6, candle / ours, debug_note());
+        }
     }
     Ok(())
 }

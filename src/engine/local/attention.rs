@@ -556,65 +556,6 @@ mod tests {
         check(7, 4, 2, 40, &[(3, 1), (0, 5), (9, 18)]);
     }
 
-    /// Kernel vs the candle-op path on SmolLM2-135M's attention shape (9 heads over 3 kv
-    /// heads, d 64) for one layer of a 32-sequence decode step at ~130 tokens of context.
-    /// `cargo test --release --lib attention::tests::bench_print -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn bench_print() {
-        let mut rng = Rng(11);
-        let (heads, kv_heads, d, bs) = (9, 3, 64, 16);
-        let ctx: Vec<usize> = (0..32).map(|i| 100 + 2 * i).collect();
-        let num_blocks: usize = ctx.iter().map(|c| c.div_ceil(bs)).sum();
-        let width = kv_heads * d;
-        let k_pool = rng.vec(num_blocks * bs * width, 3.0);
-        let v_pool = rng.vec(num_blocks * bs * width, 1.0);
-        let q = rng.vec(ctx.len() * heads * d, 3.0);
-        let mut next_block = 0u32;
-        let row_lists: Vec<Vec<u32>> = ctx
-            .iter()
-            .map(|&c| {
-                let first = next_block;
-                next_block += c.div_ceil(bs) as u32;
-                (0..c as u32).map(|p| first * bs as u32 + p).collect()
-            })
-            .collect();
-        let seqs: Vec<SeqRows> = row_lists
-            .iter()
-            .enumerate()
-            .map(|(i, rows)| SeqRows {
-                tok_off: i,
-                len: 1,
-                rows,
-            })
-            .collect();
-        let dims = AttnDims {
-            heads,
-            kv_heads,
-            head_dim: d,
-            scale: 0.125,
-        };
-        let time = |f: &dyn Fn() -> Vec<f32>| {
-            let mut best = f64::INFINITY;
-            for _ in 0..30 {
-                let t = std::time::Instant::now();
-                std::hint::black_box(f());
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            best * 1e3
-        };
-        let ours = time(&|| paged_attention_cpu(&q, &k_pool, &v_pool, &seqs, dims));
-        let dev = Device::Cpu;
-        let rows = k_pool.len() / width;
-        let qt = Tensor::from_slice(&q, (ctx.len(), heads * d), &dev).unwrap();
-        let kt = Tensor::from_slice(&k_pool, (rows, width), &dev).unwrap();
-        let vt = Tensor::from_slice(&v_pool, (rows, width), &dev).unwrap();
-        let candle = time(&|| reference_on_tensors(&qt, &kt, &vt, &seqs, dims));
-        eprintln!(
-            "one layer, 32 decode sequences, ctx 100..162: kernel {ours:.3} ms, candle ops \
-             {candle:.3} ms (best of 30; x30 layers per step)"
-        );
-    }
 
     #[test]
     fn result_does_not_depend_on_the_batch_or_chunking() {

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::attention::{cpu_f32_slice, paged_attention_cpu, AttnDims, SeqRows};
 use super::kv_cache::{row_index, KvCache};
-use super::quant::Q4_1Matrix;
+use super::quant::{Q4_1Matrix, Q8_0Matrix};
 
 pub mod llama;
 pub mod qwen2;
@@ -456,6 +456,9 @@ enum LinearWeight {
     /// GGUF Q4_1 weight on the CPU, through our batched kernel (see [`crate::engine::local::quant`]):
     /// candle's Q4_1 dot is scalar and re-reads the weights for every row of a batch.
     Q4_1(std::sync::Arc<Q4_1Matrix>),
+    /// GGUF Q8_0 weight on the CPU (typically the tied output head), through our batched
+    /// kernel: candle's runs its dot once per row of a batch.
+    Q8_0(std::sync::Arc<Q8_0Matrix>),
 }
 
 impl Linear {
@@ -473,8 +476,9 @@ impl Linear {
         }
     }
 
-    /// A GGUF weight: Q4_1 on the CPU goes to our kernel, anything else to candle's QMatMul.
-    /// `CANDLE_DEQUANTIZE_ALL(_F16)` (dense reference runs) and `BSA_NO_Q4_1_KERNEL` (A/B
+    /// A GGUF weight: Q4_1 and Q8_0 on the CPU go to our kernels (bitwise equal to candle's,
+    /// see [`crate::engine::local::quant`]), anything else to candle's QMatMul.
+    /// `CANDLE_DEQUANTIZE_ALL(_F16)` (dense reference runs) and `BSA_NO_QUANT_KERNEL` (A/B
     /// timing) keep candle's path.
     pub fn from_qtensor(
         weight: std::sync::Arc<QTensor>,
@@ -485,13 +489,15 @@ impl Linear {
         let ours = device.is_cpu()
             && !env_set("CANDLE_DEQUANTIZE_ALL")
             && !env_set("CANDLE_DEQUANTIZE_ALL_F16")
-            && !env_set("BSA_NO_Q4_1_KERNEL");
+            && !env_set("BSA_NO_QUANT_KERNEL");
         if ours {
             if let Some(m) = Q4_1Matrix::from_qtensor(&weight)? {
-                return Ok(Self {
-                    weight: LinearWeight::Q4_1(std::sync::Arc::new(m)),
-                    bias,
-                });
+                let weight = LinearWeight::Q4_1(std::sync::Arc::new(m));
+                return Ok(Self { weight, bias });
+            }
+            if let Some(m) = Q8_0Matrix::from_qtensor(&weight)? {
+                let weight = LinearWeight::Q8_0(std::sync::Arc::new(m));
+                return Ok(Self { weight, bias });
             }
         }
         Ok(Self::quantized(QMatMul::from_arc(weight)?, bias))
@@ -506,6 +512,10 @@ impl Linear {
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
             LinearWeight::Q4_1(m) => {
+                let dtype = x.dtype();
+                m.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+            LinearWeight::Q8_0(m) => {
                 let dtype = x.dtype();
                 m.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
