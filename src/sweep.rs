@@ -94,12 +94,14 @@ impl DecodingGrid {
             }
             axis(seen)
         };
+        // f32 as written (0.8, not 0.800000011920929): the manifest is read by people.
+        let f = |x: f32| json!(x.to_string().parse::<f64>().unwrap_or(x as f64));
         json!({
             "sweep": {
-                "temperature": uniq(&|d| json!(d.temperature)),
-                "top_p": uniq(&|d| json!(d.top_p)),
+                "temperature": uniq(&|d| f(d.temperature)),
+                "top_p": uniq(&|d| f(d.top_p)),
                 "top_k": uniq(&|d| json!(d.top_k)),
-                "min_p": uniq(&|d| json!(d.min_p)),
+                "min_p": uniq(&|d| f(d.min_p)),
             },
             "configs": configs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "max_new_tokens": base.max_new_tokens,
@@ -295,8 +297,8 @@ mod tests {
         let names: Vec<String> = g.configs(&base()).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["t0.6_p0.95_k0_m0.0", "t0.6_p0.95_k0_m0.05"]);
         let m = g.manifest_entry(&base(), &g.configs(&base()).unwrap());
-        assert_eq!(m["sweep"]["min_p"], json!([0.0, 0.05f32]));
-        assert_eq!(m["sweep"]["top_p"], json!([0.95f32]));
+        assert_eq!(m["sweep"]["min_p"], json!([0.0, 0.05]));
+        assert_eq!(m["sweep"]["top_p"], json!([0.95]));
         assert_eq!(m["configs"][1], "t0.6_p0.95_k0_m0.05");
     }
 
