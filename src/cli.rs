@@ -41,6 +41,9 @@ pub enum Command {
     Judge(JudgeArgs),
     /// The whole benchmark in one command: generate, judge, score (each stage resumes).
     Eval(EvalArgs),
+    /// A decoding grid (temperature x top-p x top-k [x min-p]) in one batched engine pass,
+    /// judged and scored per configuration, with intervals.
+    Sweep(SweepArgs),
     /// List the model presets (models/*.toml): hub id, architecture, recommended sampling.
     Models(ModelsArgs),
     /// Compute every metric from a run's verdicts or from the authors' scorer CSV.
@@ -156,6 +159,8 @@ pub struct GenerateArgs {
     /// A system prompt (put before the user turn when the template has no system role).
     #[arg(long)]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub mitigation: MitigationArgs,
     /// Qwen3-style templates: turn thinking on or off (default: the preset's).
     #[arg(long)]
     pub enable_thinking: Option<bool>,
@@ -168,6 +173,127 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The paper's mitigations: safety rules in the prompt, and fine-tuned (LoRA) weights.
+#[derive(Debug, Clone, Args, Default)]
+pub struct MitigationArgs {
+    /// Put safety rules before each query: `default` (data/prompts/safety_rules.txt: the
+    /// risk and the expected response strategy for each of the nine risk categories) or a
+    /// text FILE. A system message, or the start of the user turn when the template has no
+    /// system role; the manifest records the rules' sha256 and the placement.
+    #[arg(long, value_name = "default|FILE")]
+    pub safety_rules: Option<String>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+    /// merged into the weights at load; the base must be safetensors (a directory or hub id).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+}
+
+/// `bsa sweep`: like `bsa eval`, but the decoding flags take comma-separated lists.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Temperatures to sweep, e.g. 0.2,0.6,1.0 (default: the preset's single value).
+    #[arg(long, value_delimiter = ',')]
+    pub temperature: Vec<f32>,
+    /// Top-p values to sweep, e.g. 0.8,0.95,1.0.
+    #[arg(long, value_delimiter = ',')]
+    pub top_p: Vec<f32>,
+    /// Top-k values to sweep (0 = off), e.g. 0,20,50.
+    #[arg(long, value_delimiter = ',')]
+    pub top_k: Vec<usize>,
+    /// Min-p values to sweep; when given, configuration names get an _m suffix.
+    #[arg(long, value_delimiter = ',')]
+    pub min_p: Vec<f32>,
+    /// Everything else as for `bsa generate` (its --temperature/--top-p/--top-k/--min-p
+    /// are replaced by the lists above).
+    #[command(flatten)]
+    pub generate: SweepGenerateArgs,
+    #[command(flatten)]
+    pub judge: JudgeOpts,
+    #[command(flatten)]
+    pub score: ScoreOpts,
+}
+
+/// The generation flags of `bsa sweep` (those of `bsa generate` other than the grid).
+#[derive(Debug, Args)]
+pub struct SweepGenerateArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    #[arg(long, default_value = "data/sample.csv")]
+    pub data: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Samples per query and configuration (k of the metrics).
+    #[arg(long, default_value_t = 5)]
+    pub samples: u32,
+    /// Seed of the per-sample streams; a configuration's samples equal those of
+    /// `bsa generate` with its parameters and this seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Most sequences decoding at once (rows of all configurations share batches).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub mitigation: MitigationArgs,
+    #[arg(long)]
+    pub enable_thinking: Option<bool>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub new_run: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl SweepGenerateArgs {
+    /// As `bsa generate` arguments with no decoding overrides (the grid supplies them).
+    fn into_generate_args(self) -> GenerateArgs {
+        GenerateArgs {
+            model: self.model,
+            data: self.data,
+            select: self.select,
+            samples: self.samples,
+            seed: self.seed,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop,
+            batch_size: self.batch_size,
+            prefill_chunk: self.prefill_chunk,
+            kv_cache_mb: self.kv_cache_mb,
+            block_size: self.block_size,
+            device: self.device,
+            dtype: self.dtype,
+            chat_template: self.chat_template,
+            system: self.system,
+            mitigation: self.mitigation,
+            enable_thinking: self.enable_thinking,
+            out: self.out,
+            new_run: self.new_run,
+            quiet: self.quiet,
+        }
+    }
 }
 
 /// The judge's settings, shared by `bsa judge` and `bsa eval`.
@@ -379,6 +505,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a).map(|_| ()),
         Command::Judge(a) => judge(a),
         Command::Eval(a) => eval(a),
+        Command::Sweep(a) => sweep(a),
         Command::Models(a) => models(a),
         Command::Score(a) => score(a),
         Command::Export(a) => export(a),
@@ -448,8 +575,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn generate(a: GenerateArgs) -> Result<PathBuf> {
-    let opts = generation::GenerateOptions {
+fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
+    Ok(generation::GenerateOptions {
         model: a.model,
         device: a.device,
         dtype: a.dtype,
@@ -471,11 +598,51 @@ fn generate(a: GenerateArgs) -> Result<PathBuf> {
         block_size: a.block_size,
         chat_template: a.chat_template,
         system: a.system,
+        safety_rules: a.mitigation.safety_rules,
+        adapter: a.mitigation.adapter,
         enable_thinking: a.enable_thinking,
         out: a.out,
         on_existing: if a.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
         progress: !a.quiet,
+    })
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    let g = a.generate.into_generate_args();
+    let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet);
+    let opts = crate::sweep::SweepOptions {
+        generate: generate_options(g)?,
+        grid: crate::sweep::DecodingGrid { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p },
+        judge,
+        score: a.score.options(),
     };
+    let o = crate::sweep::sweep(&opts)?;
+    let (gs, run) = (&o.generated, &o.run);
+    println!(
+        "{}: {} configurations; wrote {} samples ({} already there) in {:.1} s",
+        run.display(),
+        gs.configs.len(),
+        gs.written,
+        gs.skipped,
+        gs.seconds
+    );
+    print_judge_summary(run, &o.judged);
+    // scores.json as `bsa score` writes it: one scorecard per configuration.
+    let label = run_label(&RunDir::read(run)?);
+    let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();
+    store::write_json_atomic(&run.join(store::SCORES), &cards)?;
+    println!("\n{}", crate::sweep::table(&o.results));
+    println!(
+        "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); `bsa report {}` draws the heatmaps",
+        run.display(),
+        crate::sweep::SWEEP_JSON,
+        run.display()
+    );
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<PathBuf> {
+    let opts = generate_options(a)?;
     let s = generation::generate(&opts)?;
     if s.written == 0 {
         println!("{}: all {} samples were already there; nothing to do", s.run.display(), s.skipped);

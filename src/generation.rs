@@ -19,6 +19,8 @@ use crate::engine::local::scheduler::{self, FinishReason, PromptGroup, SampleSpe
 use crate::engine::sampler::{SamplingParams, StreamKey};
 use crate::prompt::{with_system, ChatTemplate, Message, RenderOptions};
 use crate::reasoning::{split_completion, ThinkConvention};
+use crate::safety_rules::{Placement, SafetyRules};
+use crate::sweep::DecodingGrid;
 use crate::store::{DatasetRef, JobSpec, OnExisting, RunDir};
 
 /// The decoding configuration of a run, as recorded in the manifest and every sample.
@@ -95,6 +97,10 @@ pub struct GenerateOptions {
     pub block_size: usize,
     pub chat_template: Option<PathBuf>,
     pub system: Option<String>,
+    /// `--safety-rules default|FILE`: rules put before the query (see [`crate::safety_rules`]).
+    pub safety_rules: Option<String>,
+    /// `--adapter DIR`: a PEFT LoRA adapter merged into the weights at load.
+    pub adapter: Option<PathBuf>,
     pub enable_thinking: Option<bool>,
     pub out: PathBuf,
     pub on_existing: OnExisting,
@@ -109,6 +115,8 @@ pub struct GenerateSummary {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub seconds: f64,
+    /// The decoding configurations of the run: ("default", its decoding) outside sweeps.
+    pub configs: Vec<(String, Decoding)>,
 }
 
 /// The prompt side of a model: its chat template, special tokens and think convention.
@@ -161,6 +169,11 @@ impl Prompter {
         self.template.render(&messages, &opts)
     }
 
+    /// Whether the template has a system role (else system text goes into the user turn).
+    pub fn system_role(&self) -> bool {
+        self.system_role
+    }
+
     pub fn think(&self) -> &ThinkConvention {
         &self.think
     }
@@ -203,6 +216,15 @@ pub fn decoding_for(m: &LoadedModel, o: &DecodingOverrides) -> Result<Decoding> 
 
 /// Runs (or resumes) a generation into `opts.out`.
 pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
+    generate_grid(opts, None)
+}
+
+/// Runs (or resumes) a generation; with a `grid`, every configuration of the decoding sweep
+/// in one engine pass: each item is one prompt group (one prefill) holding the samples of
+/// all configurations, and rows with different decoding parameters share batches. Sample i
+/// of item x draws from the stream (seed, x, i) whatever its configuration, so a
+/// configuration's samples are those a plain run with its parameters would produce.
+pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Result<GenerateSummary> {
     if opts.samples == 0 {
         bail!("--samples must be at least 1 (the paper uses 5)");
     }
@@ -213,9 +235,20 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     }
     let device = load::device(&opts.device)?;
     let dtype = load::dtype(&opts.dtype, &device)?;
-    let m = load::load(&opts.model, &device, dtype)?;
+    let m = load::load_with_adapter(&opts.model, opts.adapter.as_deref(), &device, dtype)?;
     let decoding = decoding_for(&m, &opts.decoding)?;
-    let prompter = Prompter::new(&m, opts.chat_template.as_ref(), opts.system.clone(), opts.enable_thinking)?;
+    let configs: Vec<(String, Decoding)> = match grid {
+        None => vec![(crate::verdict::default_config(), decoding.clone())],
+        Some(g) => g.configs(&decoding)?,
+    };
+    let decoding_entry = match grid {
+        None => serde_json::to_value(&decoding)?,
+        Some(g) => g.manifest_entry(&decoding, &configs),
+    };
+    let rules = opts.safety_rules.as_deref().map(SafetyRules::load).transpose()?;
+    let system = SafetyRules::system_text(rules.as_ref(), opts.system.as_deref());
+    let prompter = Prompter::new(&m, opts.chat_template.as_ref(), system.clone(), opts.enable_thinking)?;
+    let placement = Placement::for_template(prompter.system_role());
 
     let job = JobSpec {
         // The job's item count is the selection before sharding, so shards of one job agree.
@@ -230,14 +263,17 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
             "id": m.description.id,
             "architecture": m.description.architecture,
             "files": m.description.files.iter().map(|f| serde_json::json!({"name": PathBuf::from(&f.path).file_name().map(|n| n.to_string_lossy().into_owned()), "sha256": f.sha256})).collect::<Vec<_>>(),
+            // "none", not null: a run without an adapter must not resume with one.
+            "adapter": m.description.adapter.as_ref().map_or(serde_json::json!("none"), |a| serde_json::to_value(a).expect("adapter serialises")),
         })),
-        decoding: Some(serde_json::to_value(&decoding)?),
+        decoding: Some(decoding_entry),
         samples: Some(opts.samples),
         seed: Some(opts.seed),
         prompt: Some(serde_json::json!({
             "chat_template_sha256": prompter.template_sha256(),
             "system": opts.system,
-            "system_placement": if opts.system.is_some() { Some(if prompter.system_role { "system message" } else { "prepended to the user turn" }) } else { None },
+            "system_placement": if system.is_some() { Some(if prompter.system_role { "system message" } else { "prepended to the user turn" }) } else { None },
+            "safety_rules": SafetyRules::manifest_entry(rules.as_ref(), placement),
             "enable_thinking": prompter.enable_thinking,
             "think_tags": [prompter.think.open, prompter.think.close],
         })),
@@ -248,22 +284,23 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     run.save_manifest()?;
     let log = run.samples();
     let (_, done) = log.read_keyed::<SampleRecord>(SampleRecord::key)?;
-    let config = crate::verdict::default_config();
 
-    // Work list: every missing (item, sample) of the selection.
+    // Work list: every missing (item, sample, config) of the selection.
     struct Pending<'a> {
         item: &'a Item,
         sample: u32,
+        config: usize,
         prompt_tokens: usize,
     }
     let mut pending: Vec<Pending> = Vec::new();
     let mut groups: Vec<PromptGroup> = Vec::new();
     let mut skipped = 0;
     for item in &items {
-        let missing: Vec<u32> = (0..opts.samples)
-            .filter(|&s| !done.contains(&crate::verdict::record_key(&item.id, s, &config)))
+        let missing: Vec<(usize, u32)> = (0..configs.len())
+            .flat_map(|c| (0..opts.samples).map(move |s| (c, s)))
+            .filter(|&(c, s)| !done.contains(&crate::verdict::record_key(&item.id, s, &configs[c].0)))
             .collect();
-        skipped += opts.samples as usize - missing.len();
+        skipped += configs.len() * opts.samples as usize - missing.len();
         if missing.is_empty() {
             continue;
         }
@@ -277,11 +314,11 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
         }
         let samples = missing
             .iter()
-            .map(|&s| {
-                pending.push(Pending { item, sample: s, prompt_tokens: prompt.len() });
+            .map(|&(c, s)| {
+                pending.push(Pending { item, sample: s, config: c, prompt_tokens: prompt.len() });
                 SampleSpec {
                     tag: pending.len() - 1,
-                    params: decoding.params(),
+                    params: configs[c].1.params(),
                     stream: StreamKey::new(opts.seed, &item.id, s),
                     max_new_tokens: decoding.max_new_tokens,
                 }
@@ -289,7 +326,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
             .collect();
         groups.push(PromptGroup { prompt, samples });
     }
-    let mut summary = GenerateSummary { run: run.path.clone(), skipped, ..Default::default() };
+    let mut summary = GenerateSummary { run: run.path.clone(), skipped, configs: configs.clone(), ..Default::default() };
     if pending.is_empty() {
         return Ok(summary);
     }
@@ -327,11 +364,11 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
         let rec = SampleRecord {
             item_id: p.item.id.clone(),
             sample_index: p.sample,
-            config: config.clone(),
+            config: configs[p.config].0.clone(),
             scenario: p.item.scenario,
             categories: p.item.categories(),
             seed: opts.seed,
-            decoding: decoding.clone(),
+            decoding: configs[p.config].1.clone(),
             prompt_tokens: p.prompt_tokens,
             completion_tokens: f.tokens.len(),
             thinking: split.thinking,
@@ -356,8 +393,8 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
     summary.written = written.get();
     summary.seconds = start.elapsed().as_secs_f64();
     let (recs, _) = log.read_keyed::<SampleRecord>(SampleRecord::key)?;
-    let this_pass: HashSet<(String, u32)> = pending.iter().map(|p| (p.item.id.clone(), p.sample)).collect();
-    for r in recs.iter().filter(|r| this_pass.contains(&(r.item_id.clone(), r.sample_index))) {
+    let this_pass: HashSet<String> = pending.iter().map(|p| crate::verdict::record_key(&p.item.id, p.sample, &configs[p.config].0)).collect();
+    for r in recs.iter().filter(|r| this_pass.contains(&r.key())) {
         summary.prompt_tokens += r.prompt_tokens;
         summary.completion_tokens += r.completion_tokens;
     }

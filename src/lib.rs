@@ -16,5 +16,7 @@ pub mod official;
 pub mod prompt;
 pub mod reasoning;
 pub mod report;
+pub mod safety_rules;
 pub mod store;
+pub mod sweep;
 pub mod verdict;

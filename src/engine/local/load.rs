@@ -96,6 +96,9 @@ pub struct ModelDescription {
     pub dtype: String,
     pub device: String,
     pub files: Vec<ModelFile>,
+    /// A LoRA adapter merged into the weights (`--adapter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<super::lora::AdapterDescription>,
 }
 
 /// A loaded model with everything needed to prompt it.
@@ -155,14 +158,31 @@ pub fn dtype(spec: &str, device: &Device) -> Result<DType> {
 }
 
 pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_with_adapter(spec, None, device, dtype)
+}
+
+/// Loads a model with an optional PEFT LoRA adapter merged into its weights.
+pub fn load_with_adapter(spec: &str, adapter: Option<&Path>, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let (source, preset) = resolve(spec)?;
+    // The adapter is read first: its mistakes show before a large base model loads.
+    let adapter = adapter.map(super::lora::LoraAdapter::open).transpose()?;
     let mut m = match &source {
-        ModelSource::Gguf(p) => load_gguf(p, device)?,
+        ModelSource::Gguf(p) => {
+            if let Some(a) = &adapter {
+                let base = a.description.base_model_name_or_path.as_deref().map_or(String::new(), |b| format!(" ({b}, as adapter_config.json says)"));
+                bail!(
+                    "--adapter {}: the base {} is a GGUF file, and LoRA adapters merge only into safetensors weights (merging into quantized weights would requantize every matrix and no longer equal the fine-tuned model); pass the base model's Hugging Face directory or hub id{base} as --model",
+                    a.dir.display(),
+                    p.display()
+                );
+            }
+            load_gguf(p, device)?
+        }
         ModelSource::Dir(d) => load_dir(d, &d.display().to_string(), |name| {
             let p = d.join(name);
             Ok(p.exists().then_some(p))
-        }, device, dtype)?,
-        ModelSource::Hub(id) => load_dir(Path::new(id), id, |name| hub::resolve_model_file(id, name), device, dtype)?,
+        }, device, dtype, adapter)?,
+        ModelSource::Hub(id) => load_dir(Path::new(id), id, |name| hub::resolve_model_file(id, name), device, dtype, adapter)?,
     };
     if let Some(pr) = &preset {
         m.description.id = pr.name.clone();
@@ -205,6 +225,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
             dtype: "gguf".into(),
             device: format!("{device:?}"),
             files: vec![file_hash(path)?],
+            adapter: None,
         },
         preset: None,
     })
@@ -232,6 +253,7 @@ fn load_dir(
     fetch: impl Fn(&str) -> Result<Option<PathBuf>>,
     device: &Device,
     dtype: DType,
+    adapter: Option<super::lora::LoraAdapter>,
 ) -> Result<LoadedModel> {
     let need = |name: &str| -> Result<PathBuf> {
         fetch(name)?.ok_or_else(|| anyhow::anyhow!("{label}: missing {name}; a model directory needs config.json, tokenizer.json, tokenizer_config.json and *.safetensors"))
@@ -306,8 +328,12 @@ fn load_dir(
         // candle's CPU matmul has no bf16 kernels worth using; say so instead of crawling.
         bail!("--dtype bf16 is not supported on the CPU; use --dtype f32 (the default there)");
     }
-    // SAFETY: the files are memory-mapped read-only and not modified while the model lives.
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weight_files, dtype, device)? };
+    let adapter_description = adapter.as_ref().map(|a| a.description.clone());
+    let vb = match adapter {
+        Some(a) => super::lora::merged_var_builder(&weight_files, a, dtype, device).with_context(|| format!("{label}: merging the adapter"))?,
+        // SAFETY: the files are memory-mapped read-only and not modified while the model lives.
+        None => unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weight_files, dtype, device)? },
+    };
     let model = models::load_safetensors(&config, vb).with_context(|| format!("{label}: loading the weights"))?;
     let mut files = vec![file_hash(&config_path)?];
     for f in &weight_files {
@@ -330,6 +356,7 @@ fn load_dir(
             dtype: format!("{dtype:?}").to_lowercase(),
             device: format!("{device:?}"),
             files,
+            adapter: adapter_description,
         },
         preset: None,
     })

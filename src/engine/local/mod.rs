@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod kv_cache;
 pub mod load;
+pub mod lora;
 pub mod models;
 pub mod quant;
 pub mod scheduler;
