@@ -52,6 +52,14 @@ pub enum Command {
     Export(ExportArgs),
     /// Combine the runs of the shards of one job (see --shard) into one run.
     Merge(MergeArgs),
+    /// How often two labellings of the same samples agree (two judges, or judge vs human):
+    /// agreement and Cohen's kappa per label family, confusion matrices, a disagreement sheet.
+    Agree(AgreeArgs),
+    /// Did B change the metrics, or only the noise? Differences B - A with paired bootstrap
+    /// intervals and exact McNemar tests, on the items both runs share.
+    Compare(CompareArgs),
+    /// Write report.md, a self-contained report.html and SVG plots for one or more runs.
+    Report(ReportArgs),
     /// Benchmarks (never part of the tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -439,6 +447,71 @@ pub struct MergeArgs {
     pub runs: Vec<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct AgreeArgs {
+    /// The first labelling: a run directory or a verdicts.jsonl file.
+    pub a: PathBuf,
+    /// The second labelling of the same samples (matched by item, sample index, configuration).
+    pub b: PathBuf,
+    /// Write the disagreements to this CSV for human review (query, risk summary, thinking,
+    /// response, both labels, both raw judge outputs, empty human_label/note columns).
+    /// An existing file is never overwritten.
+    #[arg(long, value_name = "FILE")]
+    pub sheet: Option<PathBuf>,
+    /// The data file, for the sheet's query and risk summary (default: the run's own).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Bootstrap resamples (items resampled) for the intervals (0 = none).
+    #[arg(long, default_value_t = 2000)]
+    pub resamples: usize,
+    #[arg(long, default_value_t = ScoreOptions::default().seed)]
+    pub bootstrap_seed: u64,
+    #[arg(long, default_value_t = 0.95)]
+    pub confidence: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The baseline: a run directory or a verdicts.jsonl file.
+    pub a: PathBuf,
+    /// The changed run (differences are B - A).
+    pub b: PathBuf,
+    /// The configuration of A to use when it holds several (a sweep).
+    #[arg(long, value_name = "NAME")]
+    pub config_a: Option<String>,
+    /// The configuration of B to use when it holds several.
+    #[arg(long, value_name = "NAME")]
+    pub config_b: Option<String>,
+    #[command(flatten)]
+    pub opts: ScoreOpts,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories (or verdicts.jsonl files); runs with several decoding
+    /// configurations also get sweep heatmaps.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where to write report.md, report.html and plots/ (default: the run directory when
+    /// there is one run).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ScoreOpts,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Time scoring on synthetic verdicts (default: the full benchmark's size).
@@ -510,6 +583,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score(a),
         Command::Export(a) => export(a),
         Command::Merge(a) => merge(a),
+        Command::Agree(a) => agree(a),
+        Command::Compare(a) => compare(a),
+        Command::Report(a) => report_cmd(a),
         Command::Bench(BenchCommand::Score(a)) => bench_score(a),
         Command::Bench(BenchCommand::Sampler(a)) => bench_sampler(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine(a),
@@ -688,14 +764,8 @@ fn data_stats(a: StatsArgs) -> Result<()> {
     Ok(())
 }
 
-/// The label of a run in score output: the model id from the manifest, else the folder name.
 fn run_label(run: &RunDir) -> String {
-    run.manifest
-        .job
-        .model
-        .as_ref()
-        .and_then(|m| m.get("id").and_then(|v| v.as_str()).map(str::to_string).or_else(|| m.as_str().map(str::to_string)))
-        .unwrap_or_else(|| run.path.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned()))
+    crate::judged_run::run_label(run)
 }
 
 /// Reads a run's verdicts grouped by decoding configuration.
@@ -704,20 +774,8 @@ pub fn run_verdicts(run: &RunDir) -> Result<BTreeMap<String, Vec<Verdict>>> {
     if !log.exists() {
         bail!("{} has no verdicts.jsonl yet: judge the samples first (bsa judge)", run.path.display());
     }
-    let contents = log.read::<Verdict>()?;
-    if let Some(t) = contents.torn_tail {
-        eprintln!(
-            "warning: {}:{}: the last line is cut off (a judge run was killed); it is left out here and redone when the judge resumes",
-            log.path.display(),
-            t.line
-        );
-    }
     let mut by_config: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
-    let mut seen = std::collections::HashMap::new();
-    for (line, v) in contents.records {
-        if let Some(first) = seen.insert(v.key(), line) {
-            bail!("{}:{line}: duplicate verdict {} (first on line {first}); keep one of the two lines", log.path.display(), v.key());
-        }
+    for v in crate::judged_run::read_verdicts(&log)? {
         by_config.entry(v.config.clone()).or_default().push(v);
     }
     Ok(by_config)
@@ -791,6 +849,68 @@ fn merge(a: MergeArgs) -> Result<()> {
     if !s.missing_shards.is_empty() {
         eprintln!("warning: shard(s) {} are missing: the merged run is partial", s.missing_shards.join(", "));
     }
+    Ok(())
+}
+
+fn agree(a: AgreeArgs) -> Result<()> {
+    use crate::judged_run::JudgedRun;
+    if let Some(p) = &a.sheet {
+        if p.exists() {
+            bail!("{} already exists (it may hold review labels); choose another --sheet path (nothing was written)", p.display());
+        }
+    }
+    let (ra, rb) = (JudgedRun::load(&a.a)?, JudgedRun::load(&a.b)?);
+    let opts = crate::agree::AgreeOptions {
+        resamples: a.resamples,
+        seed: a.bootstrap_seed,
+        confidence: a.confidence,
+        data: a.data,
+        progress: !a.quiet && !a.json,
+    };
+    let ag = crate::agree::agree(&ra, &rb, &opts)?;
+    if let Some(p) = &a.sheet {
+        crate::agree::write_sheet(p, &ag.sheet)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ag)?);
+    } else {
+        print!("{}", ag.table());
+        match &a.sheet {
+            Some(p) => println!("  sheet for human review: {}", p.display()),
+            None if ag.disagreements > 0 => println!("  (write them for review with --sheet FILE.csv)"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    use crate::judged_run::JudgedRun;
+    let (ra, rb) = (JudgedRun::load(&a.a)?, JudgedRun::load(&a.b)?);
+    let opts = crate::compare::CompareOptions { score: a.opts.options(), config_a: a.config_a, config_b: a.config_b, progress: !a.quiet && !a.json };
+    let c = crate::compare::compare(&ra, &rb, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", c.table());
+    }
+    Ok(())
+}
+
+fn report_cmd(a: ReportArgs) -> Result<()> {
+    use crate::judged_run::JudgedRun;
+    let out = match (&a.out, a.runs.as_slice()) {
+        (Some(o), _) => o.clone(),
+        (None, [one]) if one.is_dir() => one.clone(),
+        (None, [one]) => one.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()),
+        (None, _) => bail!("{} runs given: say where the report goes with --out DIR", a.runs.len()),
+    };
+    let runs = a.runs.iter().map(|r| JudgedRun::load(r)).collect::<Result<Vec<_>>>()?;
+    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet };
+    let rep = report::document::build(&runs, &opts)?;
+    let w = report::document::write(&rep, &out)?;
+    print!("{}", report::document::summary_table(&rep));
+    println!("wrote {} and {} ({} plots in {})", w.markdown.display(), w.html.display(), w.plots.len(), out.join("plots").display());
     Ok(())
 }
 

@@ -4,13 +4,16 @@
 //! judge -> verdicts.jsonl -> [`metrics`] -> report. Every stage reads and writes plain
 //! records kept by [`store`], so each can be run, resumed or replaced on its own.
 
+pub mod agree;
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod dataset;
 pub mod engine;
 pub mod generation;
 pub mod hub;
 pub mod judge;
+pub mod judged_run;
 pub mod metrics;
 pub mod official;
 pub mod prompt;

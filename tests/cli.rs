@@ -5,6 +5,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::{fails, ok};
+
 fn bsa(args: &[&str]) -> Output {
     bsa_env(args, &[])
 }
@@ -16,16 +19,6 @@ fn bsa_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().expect("run bsa")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "bsa failed: {}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn fails(o: &Output) -> String {
-    assert!(!o.status.success(), "bsa should have failed; stdout: {}", String::from_utf8_lossy(&o.stdout));
-    String::from_utf8(o.stderr.clone()).unwrap()
 }
 
 /// The real benchmark, or None with a loud note (CI sets BSA_REQUIRE_REAL_DATA=1 to fail instead).

@@ -1,6 +1,9 @@
 //! Human-readable output. For now the terminal tables of `bsa score` and `bsa data stats`;
 //! markdown, HTML and plots join here.
 
+pub mod document;
+pub mod plots;
+
 use std::fmt::Write;
 
 use crate::dataset::{DataStats, Scenario};
