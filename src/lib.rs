@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod official;
 pub mod prompt;
 pub mod reasoning;
+pub mod serve;
 pub mod report;
 pub mod store;
 pub mod verdict;
