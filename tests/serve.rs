@@ -267,3 +267,59 @@ fn sixty_four_concurrent_clients_are_all_answered_within_the_queue_bound() {
     // Requests decoded together: more tokens than steps.
     assert!(st["decode_tokens"].as_u64().unwrap() > st["decode_steps"].as_u64().unwrap(), "{st}");
 }
+
+/// The server's engine feeds the scheduler while it runs: a prompt that arrives after
+/// others started decoding joins their steps and still decodes exactly as it would alone.
+#[test]
+fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
+    use bsa::engine::local::kv_cache::KvCache;
+    use bsa::engine::local::scheduler::{self, Intake, PromptGroup, SampleSpec, SchedulerConfig};
+    use bsa::engine::sampler::{SamplingParams, StreamKey};
+    use candle_core::{DType, Device};
+    let Some(path) = smollm2() else { return };
+    let m = bsa::engine::local::load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let prompter = bsa::generation::Prompter::new(&m, None, None, None).unwrap();
+    let prompt = |q: &str| bsa::generation::tokenize_prompt(&m, &prompter.render(q).unwrap()).unwrap();
+    let group = |tag: usize, q: &str| PromptGroup {
+        prompt: prompt(q),
+        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10 }],
+    };
+    let cfg = SchedulerConfig { max_batch: 4, prefill_chunk: 256, eos: vec![] };
+    // Each alone.
+    let alone: Vec<Vec<u32>> = [(0, "Name a colour."), (1, "Count to three.")]
+        .iter()
+        .map(|&(tag, q)| {
+            let mut cache = KvCache::new(&m.config, 16, 64, DType::F32, &Device::Cpu).unwrap();
+            let mut out = Vec::new();
+            scheduler::run(m.model.as_ref(), &mut cache, &cfg, vec![group(tag, q)], &mut |_, _| false, &mut |f| Ok(out = f.tokens), &mut |_| {}).unwrap();
+            out
+        })
+        .collect();
+    // The second arrives on the fourth step, while the first is decoding.
+    let mut cache = KvCache::new(&m.config, 16, 64, DType::F32, &Device::Cpu).unwrap();
+    let mut calls = 0;
+    let mut feed = |idle: bool| {
+        calls += 1;
+        Ok(match calls {
+            1 => Intake::Groups(vec![group(0, "Name a colour.")]),
+            4 => Intake::Groups(vec![group(1, "Count to three.")]),
+            _ if idle && calls > 4 => Intake::Closed,
+            _ => Intake::Groups(vec![]),
+        })
+    };
+    let mut out = vec![Vec::new(); 2];
+    let mut shared_steps = 0;
+    scheduler::run_fed(
+        m.model.as_ref(),
+        &mut cache,
+        &cfg,
+        &mut feed,
+        &mut |_, _| false,
+        &mut |f| Ok(out[f.tag] = f.tokens),
+        &mut |s| shared_steps += usize::from(s.decode_tokens >= 2),
+    )
+    .unwrap();
+    assert_eq!(out, alone);
+    assert!(shared_steps >= 3, "the late prompt decoded in the same steps as the first ({shared_steps} shared steps)");
+    assert_eq!(cache.free_blocks(), 64, "every block returned");
+}
