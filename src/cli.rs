@@ -44,6 +44,9 @@ pub enum Command {
     /// A decoding grid (temperature x top-p x top-k [x min-p]) in one batched engine pass,
     /// judged and scored per configuration, with intervals.
     Sweep(SweepArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
+    /// /health); concurrent requests share one continuous batch.
+    Serve(ServeArgs),
     /// List the model presets (models/*.toml): hub id, architecture, recommended sampling.
     Models(ModelsArgs),
     /// Compute every metric from a run's verdicts or from the authors' scorer CSV.
@@ -181,6 +184,84 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Generate through an OpenAI-compatible server instead of the local engine:
+    /// openai:MODEL@BASE_URL (vLLM, SGLang, llama.cpp server, bsa serve, a hosted API).
+    #[arg(long, value_name = "openai:MODEL@BASE_URL")]
+    pub backend: Option<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How `bsa` talks to an OpenAI-compatible server (--backend openai:..., --judge openai:...).
+#[derive(Debug, Clone, Args)]
+pub struct RemoteArgs {
+    /// The environment variable that holds the server's API key (default: OPENAI_API_KEY
+    /// when set). The key is sent in a header and never written anywhere.
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once to the server.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds one request may take before it is retried.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Retries of a request after a 429, a 5xx, a timeout or a broken connection
+    /// (exponential backoff with jitter; the server's Retry-After wins).
+    #[arg(long, default_value_t = 5)]
+    pub http_retries: u32,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> crate::engine::remote::ClientOptions {
+        crate::engine::remote::ClientOptions {
+            api_key_env: self.api_key_env.clone(),
+            concurrency: self.concurrency,
+            retries: self.http_retries,
+            timeout: std::time::Duration::from_secs(self.request_timeout.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A .gguf file, a model directory, a preset or a hub id (as for generate).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The name clients send as `model` (default: the preset name or the model's id).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// The address to listen on (0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port (0: any free port, printed on start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request but /health.
+    #[arg(long, value_name = "KEY", env = "BSA_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// Most samples queued or decoding at once; requests beyond it get 429 (retry later).
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most samples per request (n).
+    #[arg(long, default_value_t = 16)]
+    pub max_n: u32,
+    /// Most new tokens per sample (max_tokens), also the default when a request has none.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 /// The paper's mitigations: safety rules in the prompt, and fine-tuned (LoRA) weights.
@@ -270,6 +351,9 @@ pub struct SweepGenerateArgs {
     pub new_run: bool,
     #[arg(long)]
     pub quiet: bool,
+    /// For an `openai:` judge.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 impl SweepGenerateArgs {
@@ -297,6 +381,8 @@ impl SweepGenerateArgs {
             system: self.system,
             mitigation: self.mitigation,
             enable_thinking: self.enable_thinking,
+            backend: None,
+            remote: self.remote,
             out: self.out,
             new_run: self.new_run,
             quiet: self.quiet,
@@ -307,7 +393,8 @@ impl SweepGenerateArgs {
 /// The judge's settings, shared by `bsa judge` and `bsa eval`.
 #[derive(Debug, Clone, Args)]
 pub struct JudgeOpts {
-    /// The judge: local:MODEL (or just MODEL: a .gguf, a directory, a preset, a hub id).
+    /// The judge: local:MODEL (or just MODEL: a .gguf, a directory, a preset, a hub id),
+    /// or openai:MODEL@BASE_URL for an OpenAI-compatible server.
     #[arg(long, default_value = "local:smollm2-135m")]
     pub judge: String,
     /// A folder with your own rubrics (safety.txt, thinking_risk_omission.txt,
@@ -329,6 +416,8 @@ pub struct JudgeArgs {
     pub run: PathBuf,
     #[command(flatten)]
     pub judge: JudgeOpts,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The data file, if it moved since generation (it must be the same file, by sha256).
     #[arg(long)]
     pub data: Option<String>,
@@ -523,6 +612,29 @@ pub enum BenchCommand {
     /// Prefill and decode throughput of the local engine: single stream and batched on
     /// synthetic prompts, and a BSA-like job on the sample data's real prompts.
     Engine(BenchEngineArgs),
+    /// Requests/s and tokens/s of `bsa serve` (in-process, on 127.0.0.1) at several
+    /// numbers of concurrent clients, and the mean decode batch that shows they share steps.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Concurrent clients to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub clients: Vec<usize>,
+    /// Requests each client sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    pub requests_per_client: usize,
+    /// max_tokens of every request.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// The prompts: the queries of this data file, in turn.
+    #[arg(long, default_value = "data/sample.csv")]
+    pub data: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -579,6 +691,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Judge(a) => judge(a),
         Command::Eval(a) => eval(a),
         Command::Sweep(a) => sweep(a),
+        Command::Serve(a) => serve(a),
         Command::Models(a) => models(a),
         Command::Score(a) => score(a),
         Command::Export(a) => export(a),
@@ -590,10 +703,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Sampler(a)) => bench_sampler(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine(a),
         Command::Bench(BenchCommand::Quant) => bench_quant(),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
     }
 }
 
-fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, kv_cache_mb: usize, device: String, dtype: String, quiet: bool) -> crate::judge::run::JudgeOptions {
+#[allow(clippy::too_many_arguments)]
+fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, kv_cache_mb: usize, device: String, dtype: String, quiet: bool, remote: &RemoteArgs) -> crate::judge::run::JudgeOptions {
     crate::judge::run::JudgeOptions {
         judge: j.judge.clone(),
         rubrics_dir: j.judge_prompts.clone(),
@@ -606,6 +721,7 @@ fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: 
         dtype,
         run,
         progress: !quiet,
+        remote: remote.options(),
     }
 }
 
@@ -626,7 +742,7 @@ fn print_judge_summary(run: &std::path::Path, s: &crate::judge::run::JudgeSummar
 }
 
 fn judge(a: JudgeArgs) -> Result<()> {
-    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, a.kv_cache_mb, a.device, a.dtype, a.quiet);
+    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, a.kv_cache_mb, a.device, a.dtype, a.quiet, &a.remote);
     let s = crate::judge::run::judge(&opts)?;
     print_judge_summary(&a.run, &s);
     Ok(())
@@ -634,11 +750,11 @@ fn judge(a: JudgeArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let g = &a.generate;
-    let (batch, kv, device, dtype, quiet) = (g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet);
+    let (batch, kv, device, dtype, quiet, remote) = (g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, g.remote.clone());
     let score_opts = a.score.options();
     score_opts.validate()?;
     let run = generate(a.generate)?;
-    let opts = judge_options(&a.judge, run.clone(), None, batch, kv, device, dtype, quiet);
+    let opts = judge_options(&a.judge, run.clone(), None, batch, kv, device, dtype, quiet, &remote);
     let s = crate::judge::run::judge(&opts)?;
     print_judge_summary(&run, &s);
     let dir = RunDir::read(&run)?;
@@ -680,12 +796,14 @@ fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
         out: a.out,
         on_existing: if a.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
         progress: !a.quiet,
+        backend: a.backend,
+        remote: a.remote.options(),
     })
 }
 
 fn sweep(a: SweepArgs) -> Result<()> {
     let g = a.generate.into_generate_args();
-    let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet);
+    let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, &g.remote);
     let opts = crate::sweep::SweepOptions {
         generate: generate_options(g)?,
         grid: crate::sweep::DecodingGrid { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p },
@@ -734,6 +852,33 @@ fn generate(a: GenerateArgs) -> Result<PathBuf> {
         );
     }
     Ok(s.run)
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    crate::serve::serve(crate::serve::ServeOptions {
+        model: a.model,
+        served_model_name: a.served_model_name,
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        device: a.device,
+        dtype: a.dtype,
+        batch_size: a.batch_size,
+        prefill_chunk: a.prefill_chunk,
+        kv_cache_mb: a.kv_cache_mb,
+        max_queue: a.max_queue,
+        max_n: a.max_n,
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    })
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    eprintln!("bsa serve in-process on 127.0.0.1, {} threads{}", rayon::current_num_threads(), debug_note());
+    for r in crate::serve::bench(&a.model, &a.device, &a.data, &a.clients, a.requests_per_client, a.max_tokens)? {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 fn models(a: ModelsArgs) -> Result<()> {

@@ -23,6 +23,8 @@ use crate::safety_rules::{Placement, SafetyRules};
 use crate::sweep::DecodingGrid;
 use crate::store::{DatasetRef, JobSpec, OnExisting, RunDir};
 
+pub mod remote;
+
 /// The decoding configuration of a run, as recorded in the manifest and every sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decoding {
@@ -105,6 +107,9 @@ pub struct GenerateOptions {
     pub out: PathBuf,
     pub on_existing: OnExisting,
     pub progress: bool,
+    /// `openai:MODEL@BASE_URL`: generate through an OpenAI-compatible server instead.
+    pub backend: Option<String>,
+    pub remote: crate::engine::remote::ClientOptions,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -186,9 +191,15 @@ impl Prompter {
 /// Tokenizes a rendered prompt: the template writes special tokens as text, so they are
 /// parsed as tokens, and a BOS is added only when the model wants one and the text lacks it.
 pub fn tokenize_prompt(m: &LoadedModel, text: &str) -> Result<Vec<u32>> {
-    let enc = m.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
+    tokenize_with(&m.tokenizer, m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.as_deref()), text)
+}
+
+/// [`tokenize_prompt`] from the tokenizer and the BOS (id, text) to add, for callers that
+/// hand the model itself to another thread (the server's engine).
+pub fn tokenize_with(tokenizer: &tokenizers::Tokenizer, bos: Option<(u32, &str)>, text: &str) -> Result<Vec<u32>> {
+    let enc = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
     let mut ids = Vec::with_capacity(enc.len() + 1);
-    if let (true, Some(bos), Some(bos_text)) = (m.add_bos, m.bos_id, m.bos_token.as_deref()) {
+    if let Some((bos, bos_text)) = bos {
         if !text.starts_with(bos_text) {
             ids.push(bos);
         }
@@ -198,7 +209,12 @@ pub fn tokenize_prompt(m: &LoadedModel, text: &str) -> Result<Vec<u32>> {
 }
 
 pub fn decoding_for(m: &LoadedModel, o: &DecodingOverrides) -> Result<Decoding> {
-    let base = m.preset.as_ref().map(|p| p.sampling.clone());
+    decoding_from(m.preset.as_ref(), o)
+}
+
+/// The decoding of a run: the flags, else the preset's defaults, else the built-in ones.
+pub fn decoding_from(preset: Option<&crate::engine::preset::Preset>, o: &DecodingOverrides) -> Result<Decoding> {
+    let base = preset.map(|p| p.sampling.clone());
     let d = Decoding {
         temperature: o.temperature.or(base.as_ref().map(|b| b.temperature)).unwrap_or(0.6),
         top_p: o.top_p.or(base.as_ref().map(|b| b.top_p)).unwrap_or(0.95),
@@ -216,6 +232,9 @@ pub fn decoding_for(m: &LoadedModel, o: &DecodingOverrides) -> Result<Decoding> 
 
 /// Runs (or resumes) a generation into `opts.out`.
 pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
+    if let Some(backend) = &opts.backend {
+        return remote::generate(opts, backend);
+    }
     generate_grid(opts, None)
 }
 
@@ -225,14 +244,10 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
 /// of item x draws from the stream (seed, x, i) whatever its configuration, so a
 /// configuration's samples are those a plain run with its parameters would produce.
 pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Result<GenerateSummary> {
-    if opts.samples == 0 {
-        bail!("--samples must be at least 1 (the paper uses 5)");
+    if opts.backend.is_some() {
+        bail!("a decoding sweep runs on the local engine; drop --backend (or run one `bsa generate --backend ...` per configuration)");
     }
-    let dataset = Dataset::load(&opts.data)?;
-    let items = dataset.select(&opts.selection)?;
-    if items.is_empty() {
-        bail!("the selection matches no item of {}; loosen --scenario/--category/--ids/--shard", dataset.source);
-    }
+    let (dataset, items) = selected_items(opts)?;
     let device = load::device(&opts.device)?;
     let dtype = load::dtype(&opts.dtype, &device)?;
     let m = load::load_with_adapter(&opts.model, opts.adapter.as_deref(), &device, dtype)?;
@@ -251,14 +266,6 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     let placement = Placement::for_template(prompter.system_role());
 
     let job = JobSpec {
-        // The job's item count is the selection before sharding, so shards of one job agree.
-        dataset: Some(DatasetRef {
-            source: dataset.source.clone(),
-            sha256: dataset.sha256.clone(),
-            items: dataset.select(&opts.selection.without_shard())?.len(),
-        }),
-        selection: opts.selection.without_shard(),
-        shard: opts.selection.shard,
         model: Some(serde_json::json!({
             "id": m.description.id,
             "architecture": m.description.architecture,
@@ -267,8 +274,6 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
             "adapter": m.description.adapter.as_ref().map_or(serde_json::json!("none"), |a| serde_json::to_value(a).expect("adapter serialises")),
         })),
         decoding: Some(decoding_entry),
-        samples: Some(opts.samples),
-        seed: Some(opts.seed),
         prompt: Some(serde_json::json!({
             "chat_template_sha256": prompter.template_sha256(),
             "system": opts.system,
@@ -277,7 +282,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
             "enable_thinking": prompter.enable_thinking,
             "think_tags": [prompter.think.open, prompter.think.close],
         })),
-        judge: None,
+        ..job_base(&dataset, opts)?
     };
     let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;
     run.manifest.device = Some(m.description.device.clone());
@@ -399,6 +404,36 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
         summary.completion_tokens += r.completion_tokens;
     }
     Ok(summary)
+}
+
+/// The parts of a generation job that do not depend on the backend.
+fn job_base(dataset: &Dataset, opts: &GenerateOptions) -> Result<JobSpec> {
+    Ok(JobSpec {
+        // The job's item count is the selection before sharding, so shards of one job agree.
+        dataset: Some(DatasetRef {
+            source: dataset.source.clone(),
+            sha256: dataset.sha256.clone(),
+            items: dataset.select(&opts.selection.without_shard())?.len(),
+        }),
+        selection: opts.selection.without_shard(),
+        shard: opts.selection.shard,
+        samples: Some(opts.samples),
+        seed: Some(opts.seed),
+        ..Default::default()
+    })
+}
+
+/// The data and the items a generation works on, refusing an empty job.
+fn selected_items(opts: &GenerateOptions) -> Result<(Dataset, Vec<Item>)> {
+    if opts.samples == 0 {
+        bail!("--samples must be at least 1 (the paper uses 5)");
+    }
+    let dataset = Dataset::load(&opts.data)?;
+    let items = dataset.select(&opts.selection)?;
+    if items.is_empty() {
+        bail!("the selection matches no item of {}; loosen --scenario/--category/--ids/--shard", dataset.source);
+    }
+    Ok((dataset, items))
 }
 
 fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {

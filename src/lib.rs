@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod official;
 pub mod prompt;
 pub mod reasoning;
+pub mod serve;
 pub mod report;
 pub mod safety_rules;
 pub mod store;

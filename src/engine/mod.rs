@@ -4,3 +4,4 @@
 pub mod local;
 pub mod preset;
 pub mod sampler;
+pub mod remote;

@@ -44,6 +44,8 @@ pub struct JudgeOptions {
     pub dtype: String,
     pub run: PathBuf,
     pub progress: bool,
+    /// The client settings of an `openai:` judge.
+    pub remote: crate::engine::remote::ClientOptions,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,15 +57,81 @@ pub struct JudgeSummary {
     pub seconds: f64,
 }
 
-/// The model behind `--judge`.
+/// The model behind `--judge` (for `openai:MODEL@URL` see [`super::remote`]).
 pub fn judge_model_spec(spec: &str) -> Result<String> {
     if let Some(rest) = spec.strip_prefix("local:") {
         return Ok(rest.to_string());
     }
-    if spec.starts_with("openai:") {
-        bail!("--judge {spec}: the OpenAI-compatible judge is not built yet; use a local model (--judge local:MODEL)");
-    }
     Ok(spec.to_string())
+}
+
+/// Where judge requests go: the local engine, or an OpenAI-compatible server.
+enum Backend {
+    Local { m: Box<LoadedModel>, prompter: Prompter, cache: KvCache, sched: SchedulerConfig },
+    Remote(crate::engine::remote::Client),
+}
+
+impl Backend {
+    fn open(opts: &JudgeOptions) -> Result<Backend> {
+        if opts.judge.starts_with("openai:") {
+            let endpoint = crate::engine::remote::Endpoint::parse(&opts.judge, "--judge")?;
+            return Ok(Backend::Remote(crate::engine::remote::Client::new(endpoint, opts.remote.clone())?));
+        }
+        let device = load::device(&opts.device)?;
+        let dtype = load::dtype(&opts.dtype, &device)?;
+        let m = load::load(&judge_model_spec(&opts.judge)?, &device, dtype)?;
+        let prompter = Prompter::new(&m, None, None, Some(false))?;
+        let block_size = 16;
+        let kv_dtype = if device.is_cpu() { candle_core::DType::F32 } else { dtype };
+        let blocks = KvCache::blocks_for_bytes(&m.config, block_size, opts.kv_cache_mb << 20, kv_dtype);
+        let cache = KvCache::new(&m.config, block_size, blocks, kv_dtype, &device)?;
+        let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: 512, eos: m.eos_ids.clone() };
+        Ok(Backend::Local { m: Box::new(m), prompter, cache, sched })
+    }
+
+    /// The judge's name in verdicts, and its description in the manifest.
+    fn describe(&self) -> (String, serde_json::Value) {
+        match self {
+            Backend::Local { m, .. } => (m.description.id.clone(), serde_json::json!({
+                "model": m.description.id,
+                "files": m.description.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
+            })),
+            Backend::Remote(c) => (c.endpoint.model.clone(), serde_json::json!({"model": c.endpoint.model, "endpoint": c.describe()})),
+        }
+    }
+
+    /// One greedy reply per conversation, in order.
+    fn replies(&mut self, conversations: &[&[Message]], max_new_tokens: usize) -> Result<Vec<String>> {
+        let (m, prompter, cache, sched) = match self {
+            Backend::Remote(c) => return super::remote::replies(c, conversations, max_new_tokens),
+            Backend::Local { m, prompter, cache, sched } => (m, prompter, cache, sched),
+        };
+        let groups = conversations
+            .iter()
+            .enumerate()
+            .map(|(tag, msgs)| -> Result<PromptGroup> {
+                let text = prompter.render_messages(msgs)?;
+                Ok(PromptGroup {
+                    prompt: tokenize_prompt(m, &text)?,
+                    samples: vec![SampleSpec { tag, params: SamplingParams::greedy(), stream: StreamKey::new(0, "judge", tag as u32), max_new_tokens }],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut replies = vec![String::new(); conversations.len()];
+        scheduler::run(
+            m.model.as_ref(),
+            cache,
+            sched,
+            groups,
+            &mut |_, _| false,
+            &mut |f| {
+                replies[f.tag] = decode(m, &f.tokens)?;
+                Ok(())
+            },
+            &mut |_| {},
+        )?;
+        Ok(replies)
+    }
 }
 
 /// One judge request: a conversation so far and what it is for.
@@ -93,22 +161,14 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         Some(d) => Rubrics::from_dir(d)?,
         None => Rubrics::builtin(),
     };
-    let device = load::device(&opts.device)?;
-    let dtype = load::dtype(&opts.dtype, &device)?;
-    let m = load::load(&judge_model_spec(&opts.judge)?, &device, dtype)?;
-    let prompter = Prompter::new(&m, None, None, Some(false))?;
-    let judge_id = m.description.id.clone();
-    let job = JobSpec {
-        judge: Some(serde_json::json!({
-            "model": judge_id,
-            "files": m.description.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
-            "rubrics_sha256": rubrics.sha256_hex(),
-            "max_new_tokens": opts.max_new_tokens,
-            "retries": opts.retries,
-            "decoding": "greedy",
-        })),
-        ..Default::default()
-    };
+    let mut backend = Backend::open(opts)?;
+    let (judge_id, mut judge_desc) = backend.describe();
+    let desc = judge_desc.as_object_mut().expect("an object");
+    desc.insert("rubrics_sha256".into(), rubrics.sha256_hex().into());
+    desc.insert("max_new_tokens".into(), opts.max_new_tokens.into());
+    desc.insert("retries".into(), opts.retries.into());
+    desc.insert("decoding".into(), "greedy".into());
+    let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
     drop(run_ro);
     let run = RunDir::open(&opts.run, job, OnExisting::Resume)?;
     let verdict_log = run.verdicts();
@@ -140,50 +200,18 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         }
     }
 
-    let block_size = 16;
-    let kv_dtype = if device.is_cpu() { candle_core::DType::F32 } else { dtype };
-    let blocks = KvCache::blocks_for_bytes(&m.config, block_size, opts.kv_cache_mb << 20, kv_dtype);
-    let mut cache = KvCache::new(&m.config, block_size, blocks, kv_dtype, &device)?;
-    let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: 512, eos: m.eos_ids.clone() };
     let bar = if opts.progress { indicatif::ProgressBar::new(todo.len() as u64) } else { indicatif::ProgressBar::hidden() };
     let mut appender = verdict_log.appender()?;
     let rubrics_sha = rubrics.sha256_hex();
     let start = Instant::now();
 
     while !requests.is_empty() {
-        let groups = requests
-            .iter()
-            .enumerate()
-            .map(|(tag, r)| -> Result<PromptGroup> {
-                let text = prompter.render_messages(&r.messages)?;
-                Ok(PromptGroup {
-                    prompt: tokenize_prompt(&m, &text)?,
-                    samples: vec![SampleSpec {
-                        tag,
-                        params: SamplingParams::greedy(),
-                        stream: StreamKey::new(0, "judge", tag as u32),
-                        max_new_tokens: opts.max_new_tokens,
-                    }],
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        summary.judge_calls += groups.len();
-        let mut replies: HashMap<usize, String> = HashMap::new();
-        scheduler::run(
-            m.model.as_ref(),
-            &mut cache,
-            &sched,
-            groups,
-            &mut |_, _| false,
-            &mut |f| {
-                replies.insert(f.tag, decode(&m, &f.tokens)?);
-                Ok(())
-            },
-            &mut |_| {},
-        )?;
+        let conversations: Vec<&[Message]> = requests.iter().map(|r| r.messages.as_slice()).collect();
+        summary.judge_calls += conversations.len();
+        let mut replies = backend.replies(&conversations, opts.max_new_tokens)?;
         let mut next = Vec::new();
         for (tag, r) in requests.into_iter().enumerate() {
-            let raw = replies.remove(&tag).unwrap_or_default();
+            let raw = std::mem::take(&mut replies[tag]);
             let item = &items[&todo[r.sample].item_id];
             match parse_label(r.family, &raw) {
                 Ok(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),

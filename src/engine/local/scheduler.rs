@@ -45,6 +45,25 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The OpenAI protocol's `finish_reason`.
+    pub fn openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop | FinishReason::StopString => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+
+    /// From a server's `finish_reason` (anything but "length" ended on its own).
+    pub fn from_openai(s: Option<&str>) -> FinishReason {
+        if s == Some("length") {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub tag: usize,
@@ -108,29 +127,56 @@ pub fn run(
     on_done: &mut dyn FnMut(Finished) -> Result<()>,
     on_step: &mut dyn FnMut(StepStats),
 ) -> Result<()> {
+    let mut groups = Some(groups);
+    let mut feed = |_idle: bool| Ok(groups.take().map_or(Intake::Closed, Intake::Groups));
+    run_fed(model, cache, cfg, &mut feed, stop, on_done, on_step)
+}
+
+/// What a work source hands the scheduler at the start of a step.
+pub enum Intake {
+    /// New prompts (possibly none) to queue behind the waiting ones.
+    Groups(Vec<PromptGroup>),
+    /// No more work will come: the loop ends once everything queued is finished.
+    Closed,
+}
+
+/// The scheduler loop fed by a source that is asked for new work before every step, so
+/// prompts arriving while others decode join the running batch (a server's requests).
+/// `feed(idle)` is told whether nothing at all is queued or running; an idle source should
+/// block until work arrives (or return empty groups now and then), not spin.
+pub fn run_fed(
+    model: &dyn CausalLM,
+    cache: &mut KvCache,
+    cfg: &SchedulerConfig,
+    feed: &mut dyn FnMut(bool) -> Result<Intake>,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    on_done: &mut dyn FnMut(Finished) -> Result<()>,
+    on_step: &mut dyn FnMut(StepStats),
+) -> Result<()> {
     if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
         bail!("the batch size and the prefill chunk must be at least 1");
     }
     let bs = cache.block_size();
-    // A prompt with more samples than the batch holds is split: each part has its own
-    // prefill (the samples' streams do not change, so neither do their tokens).
     let mut waiting: VecDeque<PromptGroup> = VecDeque::new();
-    for g in groups {
-        if g.samples.is_empty() {
-            continue;
-        }
-        if g.prompt.is_empty() {
-            bail!("an empty prompt cannot be generated from (sample tag {})", g.samples[0].tag);
-        }
-        for part in g.samples.chunks(cfg.max_batch) {
-            waiting.push_back(PromptGroup { prompt: g.prompt.clone(), samples: part.to_vec() });
-        }
-    }
     let mut resumes: VecDeque<Box<Seq>> = VecDeque::new();
     let mut prefilling: Vec<Prefill> = Vec::new();
     let mut running: Vec<Seq> = Vec::new();
+    let mut open = true;
 
-    while !waiting.is_empty() || !resumes.is_empty() || !prefilling.is_empty() || !running.is_empty() {
+    loop {
+        let idle = waiting.is_empty() && resumes.is_empty() && prefilling.is_empty() && running.is_empty();
+        if open {
+            match feed(idle)? {
+                Intake::Groups(groups) => enqueue(&mut waiting, groups, cfg)?,
+                Intake::Closed => open = false,
+            }
+        }
+        if waiting.is_empty() && resumes.is_empty() && prefilling.is_empty() && running.is_empty() {
+            if open {
+                continue;
+            }
+            break;
+        }
         // Admit: set-aside sequences first (they are older), then new prompts, while the
         // batch has room and the cache has blocks for the whole prompt plus one per sample.
         let committed = |running: &Vec<Seq>, prefilling: &Vec<Prefill>| {
@@ -311,6 +357,24 @@ pub fn run(
         stats.running = running.len();
         stats.waiting = waiting.len() + resumes.len() + prefilling.len();
         on_step(stats);
+    }
+    Ok(())
+}
+
+/// Queues groups behind the waiting ones. A prompt with more samples than the batch holds
+/// is split: each part has its own prefill (the samples' streams do not change, so neither
+/// do their tokens).
+fn enqueue(waiting: &mut VecDeque<PromptGroup>, groups: Vec<PromptGroup>, cfg: &SchedulerConfig) -> Result<()> {
+    for g in groups {
+        if g.samples.is_empty() {
+            continue;
+        }
+        if g.prompt.is_empty() {
+            bail!("an empty prompt cannot be generated from (sample tag {})", g.samples[0].tag);
+        }
+        for part in g.samples.chunks(cfg.max_batch) {
+            waiting.push_back(PromptGroup { prompt: g.prompt.clone(), samples: part.to_vec() });
+        }
     }
     Ok(())
 }

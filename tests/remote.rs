@@ -1,0 +1,300 @@
+//! The OpenAI-compatible client against a misbehaving server on 127.0.0.1 (a plain
+//! TcpListener in this file that answers from a script): 429s with Retry-After, 5xx,
+//! garbage bodies, hangs and refused connections are retried and then reported clearly;
+//! other 4xx fail at once; `bsa generate --backend openai:` and `bsa judge --judge openai:`
+//! write the usual records, keep what they wrote when the server fails, resume, and never
+//! write the API key anywhere.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bsa::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
+use bsa::prompt::Message;
+use serde_json::Value;
+
+/// A request as the fault server saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// The request line and headers, as sent.
+    head: String,
+    body: String,
+    at: Instant,
+}
+
+enum Reply {
+    Status(u16, String, Vec<(&'static str, &'static str)>),
+    /// Wait this long, then close without answering.
+    Hang(Duration),
+}
+
+struct FaultServer {
+    url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FaultServer {
+    fn start(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> FaultServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (log, script, count) = (seen.clone(), Arc::new(script), Arc::new(AtomicUsize::new(0)));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let (log, script, count) = (log.clone(), script.clone(), count.clone());
+                std::thread::spawn(move || serve_one(stream.unwrap(), &log, &*script, &count));
+            }
+        });
+        FaultServer { url, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn serve_one(stream: TcpStream, log: &Mutex<Vec<Seen>>, script: &(dyn Fn(usize, &Seen) -> Reply + Send + Sync), count: &AtomicUsize) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let len = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).unwrap();
+    let seen = Seen { head, body: String::from_utf8(body).unwrap(), at: Instant::now() };
+    log.lock().unwrap().push(seen.clone());
+    let mut stream = stream;
+    match script(count.fetch_add(1, Ordering::SeqCst), &seen) {
+        Reply::Hang(d) => std::thread::sleep(d),
+        Reply::Status(code, body, headers) => {
+            let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let _ = write!(stream, "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len());
+        }
+    }
+}
+
+/// A chat completion body with one choice.
+fn completion(content: &str, reasoning: Option<&str>) -> String {
+    serde_json::json!({
+        "id": "x", "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "reasoning_content": reasoning}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    })
+    .to_string()
+}
+
+fn ok(content: &str) -> Reply {
+    Reply::Status(200, completion(content, None), vec![])
+}
+
+fn client(url: &str, retries: u32, timeout: Duration) -> Client {
+    let opts = ClientOptions { retries, timeout, backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(200), concurrency: 2, ..Default::default() };
+    Client::new(Endpoint::parse(&format!("openai:fake@{url}"), "--backend").unwrap(), opts).unwrap()
+}
+
+fn hello() -> ChatRequest {
+    ChatRequest { messages: vec![Message::user("hello")], n: 1, temperature: 0.0, top_p: 1.0, max_tokens: 4, ..Default::default() }
+}
+
+#[test]
+fn a_429_is_retried_after_the_servers_retry_after() {
+    let s = FaultServer::start(|i, _| if i == 0 { Reply::Status(429, r#"{"error":{"message":"slow down"}}"#.into(), vec![("Retry-After", "1")]) } else { ok("fine") });
+    let reply = client(&s.url, 3, Duration::from_secs(5)).chat(&hello()).unwrap();
+    assert_eq!(reply.choices[0].content, "fine");
+    let seen = s.seen();
+    assert_eq!(seen.len(), 2);
+    // The backoff here is 20 ms; the one-second wait can only come from Retry-After.
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}, before the server's Retry-After");
+    let body: Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!((body["model"].as_str(), body["max_tokens"].as_u64(), body["n"].as_u64()), (Some("fake"), Some(4), Some(1)));
+}
+
+#[test]
+fn server_errors_and_garbage_are_retried_until_a_good_reply() {
+    let s = FaultServer::start(|i, _| match i {
+        0 => Reply::Status(500, "internal".into(), vec![]),
+        1 => Reply::Status(200, "<html>proxy error</html>".into(), vec![]),
+        2 => Reply::Status(503, r#"{"error":{"message":"loading"}}"#.into(), vec![]),
+        3 => Reply::Status(200, r#"{"choices": "#.into(), vec![]),
+        _ => ok("at last"),
+    });
+    let reply = client(&s.url, 5, Duration::from_secs(5)).chat(&hello()).unwrap();
+    assert_eq!(reply.choices[0].content, "at last");
+    assert_eq!(s.seen().len(), 5);
+}
+
+#[test]
+fn persistent_failures_are_reported_with_the_url_the_status_and_the_attempts() {
+    let s = FaultServer::start(|_, _| Reply::Status(502, r#"{"error":{"message":"bad gateway upstream"}}"#.into(), vec![]));
+    let err = client(&s.url, 2, Duration::from_secs(5)).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains(&s.url) && err.contains("HTTP 502") && err.contains("bad gateway upstream") && err.contains("after 3 attempts"), "{err}");
+    assert_eq!(s.seen().len(), 3);
+
+    let g = FaultServer::start(|_, _| Reply::Status(200, "not json at all".into(), vec![]));
+    let err = client(&g.url, 1, Duration::from_secs(5)).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("not a chat completion") && err.contains("not json at all"), "{err}");
+}
+
+#[test]
+fn a_hung_request_times_out_and_is_retried() {
+    let s = FaultServer::start(|i, _| if i == 0 { Reply::Hang(Duration::from_secs(3)) } else { ok("after the hang") });
+    let t = Instant::now();
+    let reply = client(&s.url, 2, Duration::from_millis(500)).chat(&hello()).unwrap();
+    assert_eq!(reply.choices[0].content, "after the hang");
+    assert!(t.elapsed() < Duration::from_secs(3), "the timeout did not cut the hung request");
+    assert_eq!(s.seen().len(), 2);
+}
+
+#[test]
+fn a_client_error_fails_at_once_with_the_servers_message() {
+    let s = FaultServer::start(|_, _| Reply::Status(400, r#"{"error":{"message":"n must be at most 4","type":"invalid_request_error","param":"n","code":null}}"#.into(), vec![]));
+    let err = client(&s.url, 5, Duration::from_secs(5)).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("HTTP 400: n must be at most 4"), "{err}");
+    assert_eq!(s.seen().len(), 1, "a 400 is not retried");
+}
+
+#[test]
+fn a_refused_connection_is_retried_then_reported() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let t = Instant::now();
+    let err = client(&url, 2, Duration::from_secs(2)).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains(&url) && err.contains("after 3 attempts"), "{err}");
+    assert!(t.elapsed() >= Duration::from_millis(20), "no backoff between attempts");
+}
+
+fn bsa(args: &[&str], key: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bsa"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("BSA_TEST_REMOTE_KEY", key)
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap()
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Every file under `dir`, as text.
+fn all_text(dir: &Path) -> String {
+    std::fs::read_dir(dir).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default()).collect()
+}
+
+#[test]
+fn generate_and_judge_through_a_server_keep_records_resume_and_never_write_the_key() {
+    const KEY: &str = "sk-test-do-not-write-7f3a";
+    // Generation: two replies (two reasoning dialects), then a refusal that stops the run.
+    let refuse_after = Arc::new(AtomicUsize::new(2));
+    let gate = refuse_after.clone();
+    let s = FaultServer::start(move |i, _| {
+        if i >= gate.load(Ordering::SeqCst) {
+            return Reply::Status(400, r#"{"error":{"message":"quota exhausted"}}"#.into(), vec![]);
+        }
+        if i % 2 == 0 {
+            Reply::Status(200, completion("I will not help with that.", Some("The user may get hurt.")), vec![])
+        } else {
+            ok("The user may get hurt.\n</think>\n\nI will not help with that.")
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", s.url);
+    let args = ["generate", "--backend", &backend, "--api-key-env", "BSA_TEST_REMOTE_KEY", "--concurrency", "1", "--http-retries", "0",
+        "--scenario", "RO", "--limit", "2", "--samples", "2", "--temperature", "0.6", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()];
+    let o = bsa(&args, KEY);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("quota exhausted") && stderr.contains("2 samples were written and are kept") && stderr.contains("same command again"), "{stderr}");
+    let recs = records(&out.join("samples.jsonl"));
+    assert_eq!(recs.len(), 2, "the replies before the failure are kept");
+    for r in &recs {
+        assert_eq!((r["thinking"].as_str(), r["response"].as_str()), (Some("The user may get hurt."), Some("I will not help with that.")), "{r}");
+        assert_eq!((r["prompt_tokens"].as_u64(), r["completion_tokens"].as_u64(), r["finish_reason"].as_str()), (Some(11), Some(7), Some("stop")));
+    }
+    // The key went in the header and nowhere else.
+    let seen = s.seen();
+    assert!(seen.iter().all(|r| r.head.contains(&format!("Bearer {KEY}"))));
+    let body: Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!(body["temperature"].as_f64(), Some(0.6));
+    assert!(body["seed"].is_u64(), "each sample sends its own seed: {body}");
+    let seeds: std::collections::HashSet<u64> = seen.iter().map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds.len(), seen.len(), "distinct samples get distinct seeds");
+
+    // Resume: only the two missing samples are asked for.
+    refuse_after.store(usize::MAX, Ordering::SeqCst);
+    let before = s.seen().len();
+    let o = bsa(&args, KEY);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(s.seen().len() - before, 2);
+    let recs = records(&out.join("samples.jsonl"));
+    let keys: std::collections::HashSet<(String, u64)> = recs.iter().map(|r| (r["item_id"].as_str().unwrap().to_string(), r["sample_index"].as_u64().unwrap())).collect();
+    assert_eq!((recs.len(), keys.len()), (4, 4));
+
+    // The judge: safety needs one repair, thinking never gives a label.
+    let j = FaultServer::start(|_, seen| {
+        let body: Value = serde_json::from_str(&seen.body).unwrap();
+        let msgs = body["messages"].as_array().unwrap();
+        let rubric = msgs[0]["content"].as_str().unwrap();
+        if rubric.contains("Safe_Ans_Check") {
+            if msgs.len() == 1 { ok("I am not sure about this one.") } else { ok("{\"Safe_Ans_Check\": \"Unsafe\"}") }
+        } else {
+            ok("hmm")
+        }
+    });
+    let judge = format!("openai:fake-judge@{}", j.url);
+    let o = bsa(&["judge", out.to_str().unwrap(), "--judge", &judge, "--api-key-env", "BSA_TEST_REMOTE_KEY", "--judge-retries", "1", "--quiet"], KEY);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("judged 4 samples") && stdout.contains("16 judge calls") && stdout.contains("4 label(s) unreadable"), "{stdout}");
+    let verdicts = records(&out.join("verdicts.jsonl"));
+    assert_eq!(verdicts.len(), 4);
+    for v in &verdicts {
+        assert_eq!((v["safety"].as_str(), v["judge"].as_str()), (Some("Unsafe"), Some("fake-judge")), "{v}");
+        assert!(v["thinking"].is_null(), "an unreadable label stays unlabelled: {v}");
+        assert_eq!(v["raw_thinking"].as_str(), Some("hmm"));
+        assert_eq!(v["prompt_sha256"].as_str().unwrap().len(), 64);
+    }
+    let judge_bodies: Vec<Value> = j.seen().iter().map(|r| serde_json::from_str(&r.body).unwrap()).collect();
+    assert!(judge_bodies.iter().all(|b| b["temperature"].as_f64() == Some(0.0) && b["model"] == "fake-judge"));
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains("fake-judge") && manifest.contains(&j.url), "the manifest names the judge endpoint");
+    assert!(!all_text(&out).contains(KEY), "the API key was written into the run directory");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(KEY) && !stdout.contains(KEY));
+}
+
+#[test]
+fn a_missing_key_variable_and_a_bad_backend_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_bsa"))
+        .args(["generate", "--backend", "openai:m@http://127.0.0.1:9/v1", "--api-key-env", "BSA_TEST_ABSENT_KEY", "--out", out.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("BSA_TEST_ABSENT_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("BSA_TEST_ABSENT_KEY") && stderr.contains("not set"), "{stderr}");
+    assert!(!out.exists());
+    let o = bsa(&["generate", "--backend", "openai:no-url", "--out", out.to_str().unwrap()], "k");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("--backend") && stderr.contains("openai:MODEL@BASE_URL"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -1,0 +1,325 @@
+//! `bsa serve` with the real SmolLM2-135M-Instruct GGUF on 127.0.0.1: `bsa generate` and
+//! `bsa judge` through it, an OpenAI-style 4xx for every kind of bad request while it keeps
+//! serving, and 64 concurrent clients all answered within the server's queue bound.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use bsa::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
+use bsa::prompt::Message;
+use serde_json::{json, Value};
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bsa::engine::local::load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set", p.display());
+    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
+    None
+}
+
+/// A `bsa serve` process on a free port, killed when dropped.
+struct Served {
+    child: Child,
+    /// `http://127.0.0.1:PORT/v1`
+    base: String,
+}
+
+impl Served {
+    fn start(model: &PathBuf, extra: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bsa"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--served-model-name", "smollm2-135m", "--port", "0", "--kv-cache-mb", "256"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+        Served { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base.trim_end_matches("/v1"))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status, body and Retry-After of one request (no retries).
+fn send(url: &str, key: Option<&str>, body: Option<&str>) -> (u16, Value, Option<String>) {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(300)).build();
+    let mut req = if body.is_some() { agent.post(url) } else { agent.get(url) };
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let r = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let status = resp.status();
+    let retry = resp.header("Retry-After").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status} {text:?}: {e}")), retry)
+}
+
+fn chat_body(extra: Value) -> String {
+    let mut b = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b.to_string()
+}
+
+/// An error in the OpenAI shape, with the expected status and param.
+fn assert_error(got: &(u16, Value, Option<String>), status: u16, param: Option<&str>, what: &str) {
+    let (s, body, _) = got;
+    assert_eq!(*s, status, "{what}: {body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()) && e["type"].is_string(), "{what}: {body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{what}: param and code keys are present: {body}");
+    if let Some(p) = param {
+        assert_eq!(e["param"].as_str(), Some(p), "{what}: {body}");
+    }
+}
+
+fn bsa(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bsa"));
+    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("OPENAI_API_KEY");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn generate_and_judge_through_bsa_serve() {
+    let Some(model) = smollm2() else { return };
+    const KEY: &str = "sk-serve-test-c0ffee";
+    let server = Served::start(&model, &["--api-key", KEY]);
+    let backend = format!("openai:smollm2-135m@{}", server.base);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OPENAI_API_KEY", KEY)];
+    let gen = |out: &std::path::Path| {
+        bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--temperature", "0.8",
+            "--max-new-tokens", "5", "--quiet", "--out", out.to_str().unwrap()], &env)
+    };
+    let a = dir.path().join("a");
+    let stdout = ok(&gen(&a));
+    assert!(stdout.contains("wrote 4 samples"), "{stdout}");
+    let recs = records(&a.join("samples.jsonl"));
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert!(r["completion_tokens"].as_u64().unwrap() <= 5 && r["prompt_tokens"].as_u64().unwrap() > 10, "{r}");
+        assert!(r["finish_reason"] == "length" || r["finish_reason"] == "stop", "{r}");
+        assert_eq!(r["thinking"], "", "SmolLM2 does not think: {r}");
+    }
+    // Each sample carries its own seed, so a second run through the server says the same.
+    let b = dir.path().join("b");
+    ok(&gen(&b));
+    let text = |recs: &[Value]| {
+        let mut t: Vec<(String, u64, String)> = recs.iter().map(|r| (r["item_id"].as_str().unwrap().into(), r["sample_index"].as_u64().unwrap(), r["raw"].as_str().unwrap().into())).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(text(&recs), text(&records(&b.join("samples.jsonl"))));
+    // A rerun has nothing left to do.
+    assert!(ok(&gen(&a)).contains("nothing to do"));
+
+    let judge = format!("openai:smollm2-135m@{}", server.base);
+    let stdout = ok(&bsa(&["judge", a.to_str().unwrap(), "--judge", &judge, "--judge-max-new-tokens", "8", "--judge-retries", "0", "--quiet"], &env));
+    assert!(stdout.contains("judged 4 samples"), "{stdout}");
+    let verdicts = records(&a.join("verdicts.jsonl"));
+    assert_eq!(verdicts.len(), 4);
+    for v in &verdicts {
+        assert_eq!(v["judge"], "smollm2-135m");
+        assert!(v["raw_safety"].is_string() && v["prompt_sha256"].as_str().unwrap().len() == 64, "{v}");
+        assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");
+    }
+    for f in ["manifest.json", "samples.jsonl", "verdicts.jsonl"] {
+        assert!(!std::fs::read_to_string(a.join(f)).unwrap().contains(KEY), "the API key is in {f}");
+    }
+    // Without the key the server refuses, and the client says what to check.
+    let o = bsa(&["generate", "--backend", &backend, "--limit", "1", "--samples", "1", "--max-new-tokens", "2", "--quiet", "--out", dir.path().join("c").to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("HTTP 401") && stderr.contains("API key"), "{stderr}");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let Some(model) = smollm2() else { return };
+    const KEY: &str = "k-123";
+    let server = Served::start(&model, &["--api-key", KEY, "--max-n", "4", "--max-tokens", "32"]);
+    let chat = server.url("/v1/chat/completions");
+    let k = Some(KEY);
+    assert_error(&send(&chat, None, Some(&chat_body(json!({})))), 401, None, "no key");
+    assert_error(&send(&chat, Some("wrong"), Some(&chat_body(json!({})))), 401, None, "wrong key");
+    assert_error(&send(&chat, k, Some("{\"model\": ")), 400, None, "malformed JSON");
+    assert_error(&send(&chat, k, Some("[1, 2]")), 400, None, "not an object");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"model": "gpt-9"})))), 404, Some("model"), "unknown model");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"messages": []})))), 400, Some("messages"), "no messages");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})))), 400, Some("messages"), "bad role");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"n": 0})))), 400, Some("n"), "n = 0");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"n": 5})))), 400, Some("n"), "n over --max-n");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"max_tokens": 0})))), 400, Some("max_tokens"), "max_tokens = 0");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"max_tokens": 33})))), 400, Some("max_tokens"), "max_tokens over --max-tokens");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"temperature": -1})))), 400, Some("temperature"), "negative temperature");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"top_p": 1.5})))), 400, Some("top_p"), "top_p over 1");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"stream": true})))), 400, Some("stream"), "streaming");
+    let long = "word ".repeat(9000);
+    let big = send(&chat, k, Some(&chat_body(json!({"messages": [{"role": "user", "content": long}]}))));
+    assert_error(&big, 400, Some("messages"), "oversized prompt");
+    assert_eq!(big.1["error"]["code"], "context_length_exceeded");
+    assert_error(&send(&chat, k, None), 405, None, "GET on the chat route");
+    assert_error(&send(&server.url("/v2/nothing"), k, None), 404, None, "unknown route");
+
+    // Still serving, and the answer has the OpenAI shape.
+    let (s, body, _) = send(&chat, k, Some(&chat_body(json!({"n": 2, "temperature": 0.9, "top_k": 40, "min_p": 0.05, "seed": 3, "stop": ["\n\n"]}))));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!((body["object"].as_str(), body["model"].as_str()), (Some("chat.completion"), Some("smollm2-135m")));
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"].as_u64(), Some(i as u64));
+        assert_eq!(c["message"]["role"], "assistant");
+        assert!(c["message"]["content"].is_string() && c["message"].get("reasoning_content").is_some() && c["message"].get("reasoning").is_some(), "{c}");
+        assert!(c["finish_reason"] == "length" || c["finish_reason"] == "stop", "{c}");
+    }
+    let u = &body["usage"];
+    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert!(u["completion_tokens"].as_u64().unwrap() <= 6);
+    // The same seed gives the same samples.
+    let (_, again, _) = send(&chat, k, Some(&chat_body(json!({"n": 2, "temperature": 0.9, "top_k": 40, "min_p": 0.05, "seed": 3, "stop": ["\n\n"]}))));
+    assert_eq!(again["choices"], body["choices"]);
+
+    let (s, models, _) = send(&server.url("/v1/models"), k, None);
+    assert_eq!((s, models["data"][0]["id"].as_str()), (200, Some("smollm2-135m")));
+    let (s, health, _) = send(&server.url("/health"), None, None);
+    assert_eq!((s, health["status"].as_str()), (200, Some("ok")), "/health needs no key");
+    assert_eq!(health["stats"]["completed_requests"].as_u64(), Some(2));
+}
+
+#[test]
+fn sixty_four_concurrent_clients_are_all_answered_within_the_queue_bound() {
+    let Some(model) = smollm2() else { return };
+    let server = Served::start(&model, &["--max-queue", "8", "--batch-size", "8"]);
+    let chat = server.url("/v1/chat/completions");
+    let body = chat_body(json!({"max_tokens": 2}));
+    // Plain clients with no retries: each gets an answer, a completion or a 429 to retry.
+    let answers: Vec<(u16, Value, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..64).map(|_| s.spawn(|| send(&chat, None, Some(&body)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let done = answers.iter().filter(|a| a.0 == 200).count();
+    assert!(done >= 8, "{done} of 64 completed");
+    for a in answers.iter().filter(|a| a.0 != 200) {
+        assert_error(a, 429, None, "over the queue bound");
+        assert_eq!(a.2.as_deref(), Some("1"), "a 429 says when to retry");
+    }
+    // Clients that retry (as bsa's own does) all get their completion.
+    let endpoint = Endpoint::parse(&format!("openai:smollm2-135m@{}", server.base), "--backend").unwrap();
+    // Generous retries: on a busy CI machine the 64 take a while to get through 8 slots.
+    let opts = ClientOptions { retries: 600, backoff: Duration::from_millis(50), max_backoff: Duration::from_millis(500), ..Default::default() };
+    let replies: Vec<usize> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..64u64)
+            .map(|i| {
+                let (endpoint, opts) = (endpoint.clone(), opts.clone());
+                s.spawn(move || {
+                    let c = Client::new(endpoint, opts).unwrap();
+                    let req = ChatRequest { messages: vec![Message::user("Name a colour.")], n: 1, temperature: 0.7, top_p: 1.0, max_tokens: 2, seed: Some(i), ..Default::default() };
+                    c.chat(&req).unwrap().choices.len()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(replies, vec![1; 64]);
+    let (_, health, _) = send(&server.url("/health"), None, None);
+    let st = &health["stats"];
+    assert!(st["peak_queued_samples"].as_u64().unwrap() <= 8, "the queue bound held: {st}");
+    assert_eq!(st["queued_samples"].as_u64(), Some(0));
+    assert_eq!(st["completed_requests"].as_u64(), Some(done as u64 + 64), "{st}");
+    // Requests decoded together: more tokens than steps.
+    assert!(st["decode_tokens"].as_u64().unwrap() > st["decode_steps"].as_u64().unwrap(), "{st}");
+}
+
+/// The server's engine feeds the scheduler while it runs: a prompt that arrives after
+/// others started decoding joins their steps and still decodes exactly as it would alone.
+#[test]
+fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
+    use bsa::engine::local::kv_cache::KvCache;
+    use bsa::engine::local::scheduler::{self, Intake, PromptGroup, SampleSpec, SchedulerConfig};
+    use bsa::engine::sampler::{SamplingParams, StreamKey};
+    use candle_core::{DType, Device};
+    let Some(path) = smollm2() else { return };
+    let m = bsa::engine::local::load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let prompter = bsa::generation::Prompter::new(&m, None, None, None).unwrap();
+    let prompt = |q: &str| bsa::generation::tokenize_prompt(&m, &prompter.render(q).unwrap()).unwrap();
+    let group = |tag: usize, q: &str| PromptGroup {
+        prompt: prompt(q),
+        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10 }],
+    };
+    let cfg = SchedulerConfig { max_batch: 4, prefill_chunk: 256, eos: vec![] };
+    // Each alone.
+    let alone: Vec<Vec<u32>> = [(0, "Name a colour."), (1, "Count to three.")]
+        .iter()
+        .map(|&(tag, q)| {
+            let mut cache = KvCache::new(&m.config, 16, 64, DType::F32, &Device::Cpu).unwrap();
+            let mut out = Vec::new();
+            scheduler::run(m.model.as_ref(), &mut cache, &cfg, vec![group(tag, q)], &mut |_, _| false, &mut |f| Ok(out = f.tokens), &mut |_| {}).unwrap();
+            out
+        })
+        .collect();
+    // The second arrives on the fourth step, while the first is decoding.
+    let mut cache = KvCache::new(&m.config, 16, 64, DType::F32, &Device::Cpu).unwrap();
+    let mut calls = 0;
+    let mut feed = |idle: bool| {
+        calls += 1;
+        Ok(match calls {
+            1 => Intake::Groups(vec![group(0, "Name a colour.")]),
+            4 => Intake::Groups(vec![group(1, "Count to three.")]),
+            _ if idle && calls > 4 => Intake::Closed,
+            _ => Intake::Groups(vec![]),
+        })
+    };
+    let mut out = vec![Vec::new(); 2];
+    let mut shared_steps = 0;
+    scheduler::run_fed(
+        m.model.as_ref(),
+        &mut cache,
+        &cfg,
+        &mut feed,
+        &mut |_, _| false,
+        &mut |f| Ok(out[f.tag] = f.tokens),
+        &mut |s| shared_steps += usize::from(s.decode_tokens >= 2),
+    )
+    .unwrap();
+    assert_eq!(out, alone);
+    assert!(shared_steps >= 3, "the late prompt decoded in the same steps as the first ({shared_steps} shared steps)");
+    assert_eq!(cache.free_blocks(), 64, "every block returned");
+}
