@@ -9,6 +9,7 @@ pub mod cli;
 pub mod dataset;
 pub mod engine;
 pub mod generation;
+pub mod gpu_check;
 pub mod hub;
 pub mod judge;
 pub mod metrics;
