@@ -20,16 +20,21 @@ PREFILL = 24
 LENGTHS = [40, 33, 57, 26]  # different lengths in one batch: no padding on our side
 
 
-def ref_logits(d, seqs, dtype):
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).cuda().eval()
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            lg = m(torch.tensor([s], device="cuda")).logits[0].float()
-            out.append(lg[PREFILL - 1:].cpu().numpy())
+def ref_logits(d, seqs):
+    """transformers' logits in bf16, then in f32 (the same weights upcast on the GPU)."""
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    outs = []
+    for _ in range(2):
+        out = []
+        with torch.no_grad():
+            for s in seqs:
+                lg = m(torch.tensor([s], device="cuda")).logits[0].float()
+                out.append(lg[PREFILL - 1:].cpu().numpy())
+        outs.append(out)
+        m = m.float()
     del m
     torch.cuda.empty_cache()
-    return out
+    return outs
 
 
 def rel(a, b):
@@ -58,8 +63,7 @@ def main():
                 if p.returncode != 0:
                     raise RuntimeError(f"bsa dev logits failed ({p.returncode}): {p.stderr[-2000:]}")
                 ours = np.fromfile(dump, dtype="<f4").reshape(-1, cfg["vocab_size"])
-            ref16 = ref_logits(d, seqs, torch.bfloat16)
-            ref32 = ref_logits(d, seqs, torch.float32)
+            ref16, ref32 = ref_logits(d, seqs)
             split = np.cumsum([n - PREFILL + 1 for n in LENGTHS])[:-1]
             ours_s = np.split(ours, split)
             e16 = np.concatenate([rel(o, b) for o, b in zip(ours_s, ref16)])
