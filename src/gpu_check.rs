@@ -77,6 +77,28 @@ pub fn device_sample(
     Ok(radix::sample_batch(&host, vocab, params, keys, steps))
 }
 
+/// Seconds per launch of the device kernel alone, or `None` off CUDA.
+fn kernel_seconds(
+    logits: &Tensor,
+    params: &[SamplingParams],
+    keys: &[StreamKey],
+    steps: &[u64],
+    iters: usize,
+) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let op = crate::engine::sampler::cuda::SampleOp {
+            params: params.to_vec(),
+            keys: keys.to_vec(),
+            steps: steps.to_vec(),
+            plain: false,
+        };
+        return Ok(Some(op.kernel_seconds(logits, iters)?));
+    }
+    let _ = (logits, params, keys, steps, iters);
+    Ok(None)
+}
+
 fn synchronize(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
@@ -161,6 +183,7 @@ pub fn sampler_report(device: &Device, size: SamplerReportSize, logits: Option<V
         };
         let (best, median) = time(false)?;
         let (plain_best, _) = time(true)?;
+        let kernel = kernel_seconds(&logits, &ps, &keys, &steps, repeat)?;
         // Chi-square: each tested row copied into a full batch with distinct sample
         // streams, launched until it has `draws` draws.
         let mut chi = Vec::new();
@@ -201,6 +224,7 @@ pub fn sampler_report(device: &Device, size: SamplerReportSize, logits: Option<V
             "median_s": median,
             "plain_atomics_best_s": plain_best,
             "logits_read_gb_per_s": logit_bytes / best / 1e9,
+            "kernel_only_s": kernel,
             "chi_square": chi,
         }));
     }
