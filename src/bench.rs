@@ -195,8 +195,14 @@ pub fn engine(
     let block_size = 16;
     let blocks = (max_len.div_ceil(block_size) + 1) * batch.max(samples as usize) + 64;
     let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 2048, eos: Vec::new() };
+    // The cache in the weights' dtype on a GPU (as `bsa generate` does), f32 on the CPU.
+    let kv_dtype = match (device.is_cpu(), m.description.dtype.as_str()) {
+        (false, "bf16") => candle_core::DType::BF16,
+        (false, "f16") => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    };
     let pass = |max_new: usize| -> Result<(f64, usize)> {
-        let mut cache = KvCache::new(m.model.config(), block_size, blocks, candle_core::DType::F32, &device)?;
+        let mut cache = KvCache::new(m.model.config(), block_size, blocks, kv_dtype, &device)?;
         let mut produced = 0usize;
         let t = Instant::now();
         scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups(max_new), &mut |_, _| false, &mut |f| {

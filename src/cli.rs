@@ -66,6 +66,36 @@ pub enum Command {
     /// Benchmarks (never part of the tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Developer checks run by scripts/gpu/check.sh (parity with transformers).
+    #[command(subcommand, hide = true)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Our logits for token ids on a checkpoint directory (config.json + safetensors):
+    /// prefill then decode steps; raw little-endian f32 rows for comparison with transformers.
+    Logits(DevLogitsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevLogitsArgs {
+    /// Checkpoint directory (config.json, model.safetensors or its index).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON file: a list of token-id lists (one per sequence).
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// Tokens of each sequence fed as one prefill; the rest are fed one decode step each.
+    #[arg(long)]
+    pub prefill: usize,
+    /// Output file: rows of positions prefill-1 .. len-1 per sequence, f32 little-endian.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -659,6 +689,16 @@ pub struct BenchEngineArgs {
     pub job_batch: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Samples per synthetic prompt; above 1 they sample BSA-like (T 0.6, top-p 0.95)
+    /// and share the prompt's prefill, and a batch of B sequences holds B / samples prompts.
+    #[arg(long, default_value_t = 1)]
+    pub samples: u32,
+    /// Weights dtype: auto (f32 on the CPU, bf16 on a GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Also write the synthetic runs' results to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -669,6 +709,24 @@ pub struct BenchSamplerArgs {
     pub rows: usize,
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Run the device sampler (the CUDA kernel on cuda, its Rust model on cpu) and report
+    /// its agreement with the exact CPU sampler, a chi-square of its draws and its timing
+    /// as JSON (implied by --device other than cpu and by --json).
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Draws per tested row for the chi-square of --check (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    pub draws: usize,
+    /// Rows tested by the chi-square of --check.
+    #[arg(long, default_value_t = 2)]
+    pub chi_rows: usize,
+    /// Also write the --check report to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,    /// --check on these logits (`[rows, vocab]` f32 little-endian) instead of synthetic ones.
+    #[arg(long)]
+    pub logits: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -704,6 +762,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Engine(a)) => bench_engine(a),
         Command::Bench(BenchCommand::Quant) => bench_quant(),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
+        Command::Dev(DevCommand::Logits(a)) => dev_logits(a),
     }
 }
 
@@ -1066,6 +1125,18 @@ fn bench_score(a: BenchScoreArgs) -> Result<()> {
 }
 
 fn bench_sampler(a: BenchSamplerArgs) -> Result<()> {
+    if a.check || a.device != "cpu" || a.json.is_some() {
+        let device = crate::engine::local::load::device(&a.device)?;
+        let size = crate::gpu_check::SamplerReportSize { rows: a.rows, vocab: a.vocab, repeat: a.repeat, draws: a.draws, chi_rows: a.chi_rows };
+        let logits = a.logits.as_deref().map(|p| crate::gpu_check::read_logits(p, a.rows, a.vocab)).transpose()?;
+        let report = crate::gpu_check::sampler_report(&device, size, logits)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        if let Some(p) = &a.json {
+            std::fs::write(p, &text).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        println!("{text}");
+        return Ok(());
+    }
     for r in bench::sampler(a.vocab, a.rows, a.repeat) {
         println!("{r}{}", debug_note());
     }
@@ -1076,15 +1147,35 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
     use crate::engine::local::load;
     use crate::engine::sampler::SamplingParams;
     let device = load::device(&a.device)?;
-    let dtype = load::dtype("auto", &device)?;
+    let dtype = load::dtype(&a.dtype, &device)?;
     let m = load::load(&a.model, &device, dtype)?;
-    eprintln!("{} on {:?}, {} threads, greedy, end-of-sequence ignored{}", m.description.id, device, rayon::current_num_threads(), debug_note());
+    let bsa_like = SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 };
+    let (samples, synthetic_params) = if a.samples > 1 { (a.samples, bsa_like) } else { (1, SamplingParams::greedy()) };
+    eprintln!(
+        "{} on {:?} ({dtype:?}), {} threads, {}, end-of-sequence ignored{}",
+        m.description.id,
+        device,
+        rayon::current_num_threads(),
+        if samples > 1 { format!("{samples} samples per prompt at T 0.6, top-p 0.95") } else { "greedy".to_string() },
+        debug_note()
+    );
+    let mut results = Vec::new();
     // Synthetic prompts: a fixed token pattern of the requested length, distinct per sequence.
     let vocab = m.config.vocab_size as u32;
     for &b in &a.batch_sizes {
-        let prompts: Vec<Vec<u32>> = (0..b).map(|i| (0..a.prompt_len).map(|j| ((i * 7919 + j * 104_729) as u32 % (vocab - 1)) + 1).collect()).collect();
-        let r = bench::engine(&m, &format!("batch {b}"), &prompts, 1, a.new_tokens, b, SamplingParams::greedy())?;
+        let n_prompts = (b / samples as usize).max(1);
+        let prompts: Vec<Vec<u32>> = (0..n_prompts).map(|i| (0..a.prompt_len).map(|j| ((i * 7919 + j * 104_729) as u32 % (vocab - 1)) + 1).collect()).collect();
+        let r = bench::engine(&m, &format!("batch {b}"), &prompts, samples, a.new_tokens, b, synthetic_params)?;
         println!("{r}");
+        results.push(serde_json::json!({
+            "batch": b, "sequences": r.sequences, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
+            "prefill_s": r.prefill_s, "total_s": r.total_s, "prefill_tok_s": r.prefill_tok_s(), "decode_tok_s": r.decode_tok_s(),
+            "prompts": prompts,
+        }));
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({"model": m.description.id, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "samples": samples, "new_tokens": a.new_tokens, "runs": results});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?).with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(data) = &a.job_data {
         let ds = Dataset::load(data)?;
@@ -1096,6 +1187,17 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         let r = bench::engine(&m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params)?;
         println!("{r}");
     }
+    Ok(())
+}
+
+fn dev_logits(a: DevLogitsArgs) -> Result<()> {
+    use crate::engine::local::load;
+    let text = std::fs::read_to_string(&a.tokens).with_context(|| format!("cannot read {}", a.tokens.display()))?;
+    let seqs: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of token-id lists", a.tokens.display()))?;
+    let device = load::device(&a.device)?;
+    let dtype = load::dtype(&a.dtype, &device)?;
+    let (rows, vocab) = crate::gpu_check::dump_logits(&a.model, &device, dtype, &seqs, a.prefill, &a.out)?;
+    println!("{}", serde_json::json!({"rows": rows, "vocab": vocab, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "out": a.out}));
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod compare;
 pub mod dataset;
 pub mod engine;
 pub mod generation;
+pub mod gpu_check;
 pub mod hub;
 pub mod judge;
 pub mod judged_run;

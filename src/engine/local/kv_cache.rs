@@ -161,6 +161,14 @@ impl KvCache {
     }
 
     /// Values per cached token row (`n_kv_heads * head_dim`).
+    pub(crate) fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    pub(crate) fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     pub(crate) fn row_width(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }

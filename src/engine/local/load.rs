@@ -119,14 +119,20 @@ pub struct LoadedModel {
 /// Parses `--device`: `cpu`, `cuda`, `cuda:N`, `metal`, or `auto` (the best available).
 pub fn device(spec: &str) -> Result<Device> {
     match spec {
+        // The best device this binary and machine have: a GPU build on a machine whose GPU
+        // cannot be opened falls back to the CPU rather than failing.
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
-            } else if candle_core::utils::metal_is_available() {
-                Ok(Device::new_metal(0)?)
-            } else {
-                Ok(Device::Cpu)
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
             }
+            if candle_core::utils::metal_is_available() {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
         }
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
@@ -134,7 +140,14 @@ pub fn device(spec: &str) -> Result<Device> {
                 bail!("--device {s}: this bsa binary was built without CUDA; rebuild with `cargo build --release --features cuda` (or use --device cpu)");
             }
             let n: usize = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse()).map_err(|_| anyhow::anyhow!("--device {s}: write cuda or cuda:N"))?;
-            Device::new_cuda(n).with_context(|| format!("--device {s}: no usable CUDA device (is the NVIDIA driver installed?)"))
+            // candle's error carries a backtrace in its text: keep the first line only.
+            Device::new_cuda(n).map_err(|e| {
+                let cause = e.to_string();
+                anyhow::anyhow!(
+                    "--device {s}: cannot open CUDA device {n} ({}); check that `nvidia-smi` lists it and that the NVIDIA driver (CUDA 13.0 or newer) is installed, or use --device cpu",
+                    cause.lines().next().unwrap_or_default()
+                )
+            })
         }
         "metal" => {
             if !candle_core::utils::metal_is_available() {
@@ -245,6 +258,22 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
+/// The shard files named by a `model.safetensors.index.json`, sorted, each once.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let idx = read_json(index)?;
+    let mut shards: Vec<String> = idx
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow::anyhow!("{}: no weight_map", index.display()))?
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
 /// Loads a Hugging Face layout, local or from the hub; `fetch` maps a file name to a path
 /// (None when the model has no such file).
 fn load_dir(
@@ -307,18 +336,7 @@ fn load_dir(
     if let Some(p) = fetch("model.safetensors")? {
         weight_files.push(p);
     } else if let Some(index) = fetch("model.safetensors.index.json")? {
-        let idx = read_json(&index)?;
-        let mut shards: Vec<String> = idx
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow::anyhow!("{}: no weight_map", index.display()))?
-            .values()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
-        shards.sort();
-        shards.dedup();
-        for s in shards {
+        for s in shard_names(&index)? {
             weight_files.push(need(&s)?);
         }
     } else {
@@ -386,4 +404,23 @@ pub fn file_hash(path: &Path) -> Result<ModelFile> {
     }
     let digest = sha2::Digest::finalize(hasher);
     Ok(ModelFile { path: path.display().to_string(), bytes, sha256: digest.iter().map(|b| format!("{b:02x}")).collect() })
+}
+
+#[cfg(all(test, not(feature = "cuda"), not(feature = "metal")))]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_errors_name_the_fix() {
+        assert!(device("auto").unwrap().is_cpu());
+        assert!(device("cpu").unwrap().is_cpu());
+        let e = device("cuda:1").unwrap_err().to_string();
+        assert!(e.contains("built without CUDA") && e.contains("--features cuda"), "{e}");
+        let e = device("metal").unwrap_err().to_string();
+        assert!(e.contains("built without Metal"), "{e}");
+        let e = device("tpu").unwrap_err().to_string();
+        assert_eq!(e, "--device \"tpu\": use auto, cpu, cuda, cuda:N or metal");
+        assert_eq!(dtype("auto", &Device::Cpu).unwrap(), DType::F32);
+        assert!(dtype("fp8", &Device::Cpu).is_err());
+    }
 }

@@ -2,6 +2,9 @@
 //! The device (CPU, CUDA, Metal) is a parameter throughout, not a fork of the code.
 
 pub mod attention;
+pub mod attention_blocked;
+#[cfg(feature = "cuda")]
+pub mod cuda_attention;
 pub mod kv_cache;
 pub mod load;
 pub mod lora;

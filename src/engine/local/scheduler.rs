@@ -15,7 +15,8 @@ use anyhow::{bail, Result};
 
 use super::kv_cache::{BlockTable, KvCache};
 use super::models::{BatchInput, CausalLM, SeqInput};
-use crate::engine::sampler::{sample_batch, SamplingParams, StreamKey};
+use crate::engine::sampler::device::sample_logits;
+use crate::engine::sampler::{SamplingParams, StreamKey};
 
 /// One sample to draw from a prompt.
 #[derive(Debug, Clone)]
@@ -271,8 +272,6 @@ pub fn run_fed(
         }
 
         let logits = model.forward(&batch, cache)?;
-        let vocab = logits.dim(1)?;
-        let rows: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
 
         // Rows: one per running sequence, then one per completed new prompt.
         let n_running = running.len();
@@ -308,11 +307,8 @@ pub fn run_fed(
                 next_row += 1;
             }
         }
-        let mut expanded = Vec::with_capacity(row_src.len() * vocab);
-        for &r in &row_src {
-            expanded.extend_from_slice(&rows[r * vocab..(r + 1) * vocab]);
-        }
-        let sampled = sample_batch(&expanded, vocab, &params, &keys, &steps);
+        // On a GPU the rows are sampled there and only the token ids come back.
+        let sampled = sample_logits(&logits, &row_src, &params, &keys, &steps)?;
 
         // Completed prefills become sequences (youngest last, so they are set aside first):
         // a prompt's samples share its table, the last one taking it over.

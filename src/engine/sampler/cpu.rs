@@ -88,7 +88,7 @@ pub fn check_logits(logits: &[f32]) -> Result<(), String> {
 /// Rank key: ascending key order is `(logit descending, id ascending)`. The high half is
 /// the logit's bits mapped to an order-preserving unsigned integer, then complemented.
 #[inline]
-fn order_key(logit: f32, id: u32) -> u64 {
+pub(crate) fn order_key(logit: f32, id: u32) -> u64 {
     // Adding +0.0 turns -0.0 into +0.0, so the two zeros tie (and fall back to the id).
     let bits = (logit + 0.0).to_bits();
     let ascending = if bits & 0x8000_0000 != 0 {
@@ -220,6 +220,20 @@ impl Support {
     }
 }
 
+/// Pass 1 over a row: the top token's order key (smallest key) and the eligible count;
+/// `None` when no logit is eligible.
+pub(crate) fn first_pass(logits: &[f32]) -> Option<(u64, usize)> {
+    let mut best = u64::MAX;
+    let mut n_eligible = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_finite() {
+            n_eligible += 1;
+            best = best.min(order_key(l, i as u32));
+        }
+    }
+    (n_eligible > 0).then_some((best, n_eligible))
+}
+
 /// Applies temperature, top-k, top-p and min-p; `None` when no logit is eligible.
 fn build_support(logits: &[f32], p: &SamplingParams) -> Option<Support> {
     if let Err(e) = p.validate() {
@@ -230,18 +244,7 @@ fn build_support(logits: &[f32], p: &SamplingParams) -> Option<Support> {
         "vocabulary too large for u32 token ids"
     );
 
-    // Pass 1: eligible count and the top token (smallest key).
-    let mut best = u64::MAX;
-    let mut n_eligible = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_finite() {
-            n_eligible += 1;
-            best = best.min(order_key(l, i as u32));
-        }
-    }
-    if n_eligible == 0 {
-        return None;
-    }
+    let (best, n_eligible) = first_pass(logits)?;
     if p.temperature == 0.0 {
         let top = Cand { key: best, w: 1.0 };
         return Some(Support {

@@ -61,7 +61,11 @@
 //! target. [`truncated_distribution`] sorts all survivors, since it returns them in order.
 
 pub mod cpu;
+pub mod device;
 pub mod philox;
+pub mod radix;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::{
     check_logits, sample_batch, sample_row, truncated_distribution, try_sample_batch,
@@ -69,9 +73,9 @@ pub use cpu::{
 };
 pub use philox::{fnv1a64, philox4x32_10, StreamKey};
 
-/// Chi-square goodness-of-fit helpers shared by the tests of this module.
-#[cfg(test)]
-pub(crate) mod test_stats {
+/// Chi-square goodness-of-fit helpers shared by the tests of this module and by the GPU
+/// check ([`crate::gpu_check`]), which runs the same statistics on device draws.
+pub mod test_stats {
     /// `ln Γ(x)` for `x > 0`: recurrence up to `x >= 16`, then the Stirling series, which
     /// there is accurate to about 1e-15.
     pub fn ln_gamma(x: f64) -> f64 {

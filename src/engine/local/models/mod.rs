@@ -698,6 +698,9 @@ pub struct BatchCtx {
     seqs: Vec<SeqSpan>,
     /// Batch rows whose logits are wanted.
     logit_rows: Vec<u32>,
+    /// The CUDA attention kernel's index (on CUDA caches whose shape it handles).
+    #[cfg(feature = "cuda")]
+    kernel_index: Option<super::cuda_attention::DeviceIndex>,
 }
 
 impl BatchCtx {
@@ -707,6 +710,7 @@ impl BatchCtx {
         rope: &RotaryEmbedding,
         dtype: DType,
         device: &Device,
+        heads: usize,
     ) -> Result<Self> {
         let total: usize = batch.seqs.iter().map(|s| s.len).sum();
         ensure!(
@@ -715,7 +719,8 @@ impl BatchCtx {
             batch.tokens.len()
         );
         let bs = cache.block_size();
-        let candle_path = !uses_cpu_attention_kernel(cache);
+        let cuda_kernel = uses_cuda_attention_kernel(cache, heads);
+        let candle_path = !uses_cpu_attention_kernel(cache) && !cuda_kernel;
         let mut positions = Vec::with_capacity(total);
         let mut write_rows = Vec::with_capacity(total);
         let mut gather_rows = Vec::new();
@@ -761,7 +766,19 @@ impl BatchCtx {
             tok_off += s.len;
             kv_off += kv_len;
         }
+        #[cfg(feature = "cuda")]
+        let kernel_index = cuda_kernel
+            .then(|| {
+                super::cuda_attention::DeviceIndex::new(
+                    &gather_rows,
+                    seqs.iter().map(|s| (s.len, s.kv_off, s.kv_len)),
+                    device,
+                )
+            })
+            .transpose()?;
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            kernel_index,
             rope: rope.tables(&positions, dtype, device)?,
             write_rows: row_index(&write_rows, cache.row_width(), device)?,
             gather_rows: candle_path
@@ -783,6 +800,16 @@ fn uses_cpu_attention_kernel(cache: &KvCache) -> bool {
         std::env::var("BSA_NO_ATTN_KERNEL").is_ok_and(|v| !v.is_empty() && v != "0")
     });
     !disabled && cache.device().is_cpu() && cache.dtype() == DType::F32
+}
+
+/// Whether attention runs the CUDA paged-attention kernel: CUDA caches of a shape it handles
+/// (`BSA_NO_ATTN_KERNEL=1` turns it off too).
+fn uses_cuda_attention_kernel(cache: &KvCache, heads: usize) -> bool {
+    let disabled = std::env::var("BSA_NO_ATTN_KERNEL").is_ok_and(|v| !v.is_empty() && v != "0");
+    cfg!(feature = "cuda")
+        && !disabled
+        && cache.device().is_cuda()
+        && super::attention_blocked::kernel_supports(heads, cache.n_kv_heads(), cache.head_dim())
 }
 
 /// `[len, start + len]` additive mask: new token `i` (position `start + i`) sees keys `0..=start + i`.
@@ -833,6 +860,12 @@ impl PagedAttention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         cache.write(self.layer, &ctx.write_rows, k, v)?;
+        #[cfg(feature = "cuda")]
+        if let Some(ix) = &ctx.kernel_index {
+            let (k_pool, v_pool) = cache.pools(self.layer);
+            let y = ix.attend(q, k_pool, v_pool, self.n_heads, self.n_kv_heads, self.head_dim)?;
+            return Ok(y.to_dtype(k.dtype())?);
+        }
         let Some(gather_rows) = &ctx.gather_rows else {
             return self.forward_cpu_kernel(q, k.dtype(), ctx, cache);
         };
@@ -1251,7 +1284,7 @@ impl<L: DecoderBlock> Backbone<L> {
             );
         }
         cache.apply_pending_copies()?;
-        let ctx = BatchCtx::new(batch, cache, &self.rope, self.dtype, &self.device)?;
+        let ctx = BatchCtx::new(batch, cache, &self.rope, self.dtype, &self.device, self.cfg.num_heads)?;
         if batch.tokens.is_empty() {
             return Ok(Tensor::zeros(
                 (0, self.cfg.vocab_size),
