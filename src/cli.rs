@@ -337,8 +337,10 @@ pub struct SweepArgs {
 /// The generation flags of `bsa sweep` (those of `bsa generate` other than the grid).
 #[derive(Debug, Args)]
 pub struct SweepGenerateArgs {
+    /// The model (as for `bsa generate`: .gguf, directory, preset or hub id).
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
+    /// The benchmark data (.csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE]).
     #[arg(long, default_value = "data/sample.csv")]
     pub data: String,
     #[command(flatten)]
@@ -350,35 +352,48 @@ pub struct SweepGenerateArgs {
     /// `bsa generate` with its parameters and this seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Most new tokens per sample (all configurations). Default: the preset's, else 4096.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Stop a sample when its text contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
     /// Most sequences decoding at once (rows of all configurations share batches).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Memory for the KV cache, in MiB (shared by the generator and then the judge).
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mb: usize,
+    /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Use this Jinja chat template instead of the model's.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// A system prompt (after the safety rules, if any).
     #[arg(long)]
     pub system: Option<String>,
     #[command(flatten)]
     pub mitigation: MitigationArgs,
+    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
     #[arg(long)]
     pub enable_thinking: Option<bool>,
+    /// The run directory (created, or resumed when it holds the same sweep).
     #[arg(long)]
     pub out: PathBuf,
+    /// If --out holds a run, leave it alone and start NAME-2 (NAME-3, ...) beside it.
     #[arg(long)]
     pub new_run: bool,
+    /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
     /// For an `openai:` judge.

@@ -23,6 +23,9 @@ use crate::verdict::Verdict;
 
 pub const SWEEP_JSON: &str = "sweep.json";
 
+/// The swept parameters, as named in the manifest and sweep.json.
+pub const GRID_AXES: [&str; 4] = ["temperature", "top_p", "top_k", "min_p"];
+
 /// The values swept per parameter; an empty list keeps the model's (or built-in) default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DecodingGrid {
@@ -81,7 +84,9 @@ impl DecodingGrid {
         Ok(out)
     }
 
-    /// The manifest's `decoding` of a sweep: the grid as run and the configuration names.
+    /// The manifest's `decoding` of a sweep: the grid as run (lists where a plain run has
+    /// numbers, so a plain `bsa generate` into a sweep's directory is refused, naming the
+    /// field) and the configuration names.
     pub fn manifest_entry(&self, base: &Decoding, configs: &[(String, Decoding)]) -> Value {
         let axis = |v: Vec<Value>| Value::Array(v);
         let uniq = |f: &dyn Fn(&Decoding) -> Value| {
@@ -97,12 +102,10 @@ impl DecodingGrid {
         // f32 as written (0.8, not 0.800000011920929): the manifest is read by people.
         let f = |x: f32| json!(x.to_string().parse::<f64>().unwrap_or(x as f64));
         json!({
-            "sweep": {
-                "temperature": uniq(&|d| f(d.temperature)),
-                "top_p": uniq(&|d| f(d.top_p)),
-                "top_k": uniq(&|d| json!(d.top_k)),
-                "min_p": uniq(&|d| f(d.min_p)),
-            },
+            "temperature": uniq(&|d| f(d.temperature)),
+            "top_p": uniq(&|d| f(d.top_p)),
+            "top_k": uniq(&|d| json!(d.top_k)),
+            "min_p": uniq(&|d| f(d.min_p)),
             "configs": configs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "max_new_tokens": base.max_new_tokens,
             "stop": base.stop,
@@ -153,10 +156,10 @@ pub fn sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
     let dir = RunDir::read(&run)?;
     let results = score_configs(&dir, &generated.configs, &opts.score)?;
     let results = SweepResults {
-        grid: match dir.manifest.job.decoding.as_ref().and_then(|d| d.get("sweep")) {
-            Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            _ => BTreeMap::new(),
-        },
+        grid: GRID_AXES
+            .iter()
+            .filter_map(|&k| Some((k.to_string(), dir.manifest.job.decoding.as_ref()?.get(k)?.clone())))
+            .collect(),
         samples: opts.generate.samples,
         configs: results,
     };
@@ -297,8 +300,8 @@ mod tests {
         let names: Vec<String> = g.configs(&base()).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["t0.6_p0.95_k0_m0.0", "t0.6_p0.95_k0_m0.05"]);
         let m = g.manifest_entry(&base(), &g.configs(&base()).unwrap());
-        assert_eq!(m["sweep"]["min_p"], json!([0.0, 0.05]));
-        assert_eq!(m["sweep"]["top_p"], json!([0.95]));
+        assert_eq!(m["min_p"], json!([0.0, 0.05]));
+        assert_eq!(m["top_p"], json!([0.95]));
         assert_eq!(m["configs"][1], "t0.6_p0.95_k0_m0.05");
     }
 

@@ -106,7 +106,7 @@ fn a_sweep_configuration_equals_a_plain_run_and_resumes_per_configuration() {
     }
     let m = json(&sweep_dir.join("manifest.json"));
     assert_eq!(m["job"]["decoding"]["configs"].as_array().unwrap().len(), 4);
-    assert_eq!(m["job"]["decoding"]["sweep"]["top_k"], serde_json::json!([20, 0]));
+    assert_eq!(m["job"]["decoding"]["top_k"], serde_json::json!([20, 0]));
 
     // Killed after 13 of 16: the rerun does exactly the 3 missing (item, sample, config).
     let text = std::fs::read_to_string(sweep_dir.join("samples.jsonl")).unwrap();
@@ -129,7 +129,10 @@ fn a_sweep_configuration_equals_a_plain_run_and_resumes_per_configuration() {
     // Another grid on the same run is refused, naming the field; nothing is written.
     let other = DecodingGrid { temperature: vec![0.8, 0.9], ..grid.clone() };
     let e = format!("{:#}", generation::generate_grid(&options(&model, &sweep_dir, Default::default()), Some(&other)).err().unwrap());
-    assert!(e.contains("job.decoding.sweep.temperature"), "{e}");
+    assert!(e.contains("job.decoding.temperature"), "{e}");
+    // So is a plain run into the sweep's directory.
+    let e = format!("{:#}", generation::generate(&options(&model, &sweep_dir, Default::default())).err().unwrap());
+    assert!(e.contains("job.decoding.temperature"), "{e}");
     assert_eq!(records(&sweep_dir.join("samples.jsonl")).len(), 16);
 }
 
@@ -154,6 +157,7 @@ fn bsa_sweep_judges_scores_each_configuration_and_resumes() {
     assert_eq!(configs.len(), 2);
     assert_eq!(configs[1]["name"], "t1.0_p0.9_k0");
     assert_eq!(configs[1]["decoding"]["temperature"], 1.0);
+    assert_eq!(sweep["grid"]["temperature"], serde_json::json!([0.5, 1.0]));
     assert_eq!(configs[0]["scorecard"]["samples"], 2, "each configuration scored on its own 2 samples");
     assert!(configs[0]["scorecard"]["intervals"]["safe_at_1"].is_array());
     let verdicts = records(&out.join("verdicts.jsonl"));
