@@ -70,6 +70,8 @@ fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOpt
         out: out.to_path_buf(),
         on_existing: OnExisting::Resume,
         progress: false,
+        backend: None,
+        remote: Default::default(),
     }
 }
 
