@@ -1187,10 +1187,11 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
             "prefill_s": r.prefill_s, "total_s": r.total_s, "prefill_tok_s": r.prefill_tok_s(), "decode_tok_s": r.decode_tok_s(),
             "prompts": prompts,
         }));
-    }
-    if let Some(p) = &a.json {
-        let v = serde_json::json!({"model": m.description.id, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "samples": samples, "new_tokens": a.new_tokens, "runs": results});
-        std::fs::write(p, serde_json::to_string_pretty(&v)?).with_context(|| format!("cannot write {}", p.display()))?;
+        // Rewritten after every batch size, so a run cut short keeps what it measured.
+        if let Some(p) = &a.json {
+            let v = serde_json::json!({"model": m.description.id, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "samples": samples, "new_tokens": a.new_tokens, "runs": results});
+            std::fs::write(p, serde_json::to_string_pretty(&v)?).with_context(|| format!("cannot write {}", p.display()))?;
+        }
     }
     if let Some(data) = &a.job_data {
         let ds = Dataset::load(data)?;

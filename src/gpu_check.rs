@@ -441,7 +441,7 @@ mod tests {
         for (i, s) in seqs.iter().enumerate() {
             let one = d.path().join(format!("one{i}.f32"));
             assert_eq!(
-                dump_logits(d.path(), &Device::Cpu, DType::F32, &[s.clone()], s.len(), &one).unwrap(),
+                dump_logits(d.path(), &Device::Cpu, DType::F32, std::slice::from_ref(s), s.len(), &one).unwrap(),
                 (1, 64)
             );
             let want = read_logits(&one, 1, vocab).unwrap();

@@ -40,7 +40,7 @@ impl TokenContext {
 
 /// Whether the kernel handles this shape (else the engine takes the candle-op path).
 pub fn kernel_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
-    kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP && HEAD_DIMS.contains(&head_dim)
+    kv_heads > 0 && heads.is_multiple_of(kv_heads) && heads / kv_heads <= MAX_GROUP && HEAD_DIMS.contains(&head_dim)
 }
 
 /// The kernel's computation on f32 data: `q [n, heads * d]`, pools `[rows, kv_heads * d]`;
@@ -117,6 +117,7 @@ mod tests {
     }
 
     /// softmax(q k^T * scale) v in f64, straight from the definition, per token and head.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         q: &[f32],
         kp: &[f32],

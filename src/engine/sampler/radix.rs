@@ -291,7 +291,7 @@ pub fn sample_batch(
     steps: &[u64],
 ) -> Vec<Drawn> {
     assert!(
-        vocab > 0 && logits.len() % vocab == 0,
+        vocab > 0 && logits.len().is_multiple_of(vocab),
         "logits length {} is not a multiple of vocab {vocab}",
         logits.len()
     );
@@ -345,7 +345,7 @@ mod tests {
     fn llm_row(g: &mut Gen, vocab: usize) -> Vec<f32> {
         (0..vocab)
             .map(|i| {
-                let spike = if g.bits() % 4000 == 0 { 9.0 } else { 0.0 };
+                let spike = if g.bits().is_multiple_of(4000) { 9.0 } else { 0.0 };
                 (spike + 2.0 * g.gauss() - ((i % 997) as f64).ln_1p() * 0.3) as f32
             })
             .collect()
