@@ -55,7 +55,7 @@ with open(f"{run}/verdicts.jsonl", "w") as v, open(f"{run}/samples.jsonl", "w") 
                         v.write(json.dumps({**key, "categories": cats, "safety": safety, "thinking": think, "judge": "synthetic"}) + "\n")
                         s.write(json.dumps({**key, "categories": cats, "seed": 0, "decoding": dec, "prompt_tokens": 1,
                                             "completion_tokens": 1, "thinking": "", "response": "", "raw": "",
-                                            "finish_reason": "Stop", "truncated": False, "elapsed_s": 0.0}) + "\n")
+                                            "finish_reason": "stop", "truncated": False, "elapsed_s": 0.0}) + "\n")
 EOF
 
 $bsa report data/sample-run "$out/sweep-run" --out "$out/both" --quiet --resamples 500

@@ -698,6 +698,7 @@ fn agree(a: AgreeArgs) -> Result<()> {
         seed: a.bootstrap_seed,
         confidence: a.confidence,
         data: a.data,
+        sheet_text: a.sheet.is_some(),
         progress: !a.quiet && !a.json,
     };
     let ag = crate::agree::agree(&ra, &rb, &opts)?;
