@@ -244,7 +244,7 @@ fn luminance(c: RGBColor) -> f64 {
 pub fn heatmap(title: &str, columns: &[String], rows: &[String], values: &[Vec<f64>], x_desc: &str, y_desc: &str) -> Result<String> {
     let nx = columns.len().max(1);
     let ny = rows.len().max(1);
-    let row_label_px = rows.iter().map(|r| r.len()).max().unwrap_or(4) as u32 * 7 + 24;
+    let row_label_px = rows.iter().map(|r| r.len()).max().unwrap_or(4) as u32 * 6 + 24;
     let cell_w = 64u32;
     let cell_h = 30u32;
     let width = (row_label_px + 40 + cell_w * nx as u32).max(title.len() as u32 * 8 + 20).max(360);
