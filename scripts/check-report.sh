@@ -2,7 +2,7 @@
 # Renders `bsa report` output in a real headless browser and fails if a page is blank.
 #
 # Builds two reports: one of data/sample-run (verdicts only) together with a synthetic
-# decoding sweep (2 temperatures x 2 top-p x 2 top-k, with samples.jsonl), and one of the
+# decoding sweep (2 temperatures x 2 top-p x 2 top-k, 5 samples, with samples.jsonl), and one of the
 # sample run alone; screenshots each report.html with Debian's chromium (installed with
 # apt-get when missing) and checks that the PNG is not a single colour. Look at the
 # screenshots afterwards: their paths are printed.
@@ -34,7 +34,7 @@ rows = list(csv.DictReader(open(data, newline="", encoding="utf-8")))
 sha = hashlib.sha256(open(data, "rb").read()).hexdigest()
 json.dump({"bsa_version": "0.1.0", "created": "2026-01-01T00:00:00Z",
            "job": {"dataset": {"source": data, "sha256": sha, "items": len(rows)},
-                   "model": {"id": "synthetic-sweep"}, "samples": 3},
+                   "model": {"id": "synthetic-sweep"}, "samples": 5},
            "commands": [], "note": "synthetic labels for scripts/check-report.sh"},
           open(f"{run}/manifest.json", "w"), indent=1)
 ok_label = {"Risk Omission": ("True", "False"), "Cognitive Shortcut": ("Fully Covered", "Not Covered"),
@@ -47,7 +47,7 @@ with open(f"{run}/verdicts.jsonl", "w") as v, open(f"{run}/samples.jsonl", "w") 
                 dec = {"temperature": t, "top_p": p, "top_k": k, "min_p": 0.0, "max_new_tokens": 512}
                 for i, r in enumerate(rows):
                     cats = sorted({l.split(":", 1)[-1].strip().split("-")[0] for l in r["label"].split("\n")})
-                    for j in range(3):
+                    for j in range(5):
                         h = (i * 7 + j * 3 + int(t * 10) + int(p * 10) * 3 + k) % 20
                         safety = "Safe" if h < 16 - 6 * t else "Unsafe"
                         think = ok_label[r["dataset_name"]][0 if h < 9 - 4 * t + k / 10 else 1]
@@ -55,7 +55,7 @@ with open(f"{run}/verdicts.jsonl", "w") as v, open(f"{run}/samples.jsonl", "w") 
                         v.write(json.dumps({**key, "categories": cats, "safety": safety, "thinking": think, "judge": "synthetic"}) + "\n")
                         s.write(json.dumps({**key, "categories": cats, "seed": 0, "decoding": dec, "prompt_tokens": 1,
                                             "completion_tokens": 1, "thinking": "", "response": "", "raw": "",
-                                            "finish_reason": "Stop", "truncated": False, "elapsed_s": 0.0}) + "\n")
+                                            "finish_reason": "stop", "truncated": False, "elapsed_s": 0.0}) + "\n")
 EOF
 
 $bsa report data/sample-run "$out/sweep-run" --out "$out/both" --quiet --resamples 500

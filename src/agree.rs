@@ -88,13 +88,16 @@ pub struct AgreeOptions {
     pub confidence: f64,
     /// The data file for the sheet's query and risk summary (default: the run's own).
     pub data: Option<String>,
+    /// Fill the sheet's query, risk summary, thinking and response (reads the data file
+    /// and samples.jsonl); without it the sheet only has ids, labels and raw judge text.
+    pub sheet_text: bool,
     pub progress: bool,
 }
 
 impl Default for AgreeOptions {
     fn default() -> Self {
         let s = crate::metrics::ScoreOptions::default();
-        AgreeOptions { resamples: 2000, seed: s.seed, confidence: 0.95, data: None, progress: false }
+        AgreeOptions { resamples: 2000, seed: s.seed, confidence: 0.95, data: None, sheet_text: true, progress: false }
     }
 }
 
@@ -332,19 +335,20 @@ pub(crate) fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::Pr
 
 fn disagreement_sheet(a: &JudgedRun, b: &JudgedRun, pairs: &[(&Verdict, &Verdict)], opts: &AgreeOptions) -> Result<(Vec<Disagreement>, Vec<String>)> {
     let mut notes = Vec::new();
-    let items: HashMap<String, Item> = match a.items(opts.data.as_deref()).or_else(|_| b.items(opts.data.as_deref())) {
-        Ok(i) => i,
-        Err(e) => {
-            notes.push(format!("the sheet has no query or risk summary: {e:#}"));
-            HashMap::new()
+    let mut items: HashMap<String, Item> = HashMap::new();
+    let mut samples: HashMap<String, SampleRecord> = HashMap::new();
+    if opts.sheet_text {
+        match a.items(opts.data.as_deref()).or_else(|_| b.items(opts.data.as_deref())) {
+            Ok(i) => items = i,
+            Err(e) => notes.push(format!("the sheet has no query or risk summary: {e:#}")),
         }
-    };
-    let mut samples: HashMap<String, SampleRecord> = a.samples()?;
-    if samples.is_empty() {
-        samples = b.samples()?;
-    }
-    if samples.is_empty() {
-        notes.push("the sheet has no thinking or response text: neither run has a samples.jsonl".into());
+        samples = a.samples()?;
+        if samples.is_empty() {
+            samples = b.samples()?;
+        }
+        if samples.is_empty() {
+            notes.push("the sheet has no thinking or response text: neither run has a samples.jsonl".into());
+        }
     }
     let fmt_label = |fam: LabelFamily, v: &Verdict| fam.label_index(v).map_or("(unreadable)".to_string(), |i| fam.labels()[i].to_string());
     let mut rows = Vec::new();

@@ -55,11 +55,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Combine the runs of the shards of one job (see --shard) into one run.
     Merge(MergeArgs),
-    /// How often two labellings of the same samples agree (two judges, or judge vs human):
-    /// agreement and Cohen's kappa per label family, confusion matrices, a disagreement sheet.
+    /// Judge agreement on the same samples: Cohen's kappa, confusion, a review sheet.
     Agree(AgreeArgs),
-    /// Did B change the metrics, or only the noise? Differences B - A with paired bootstrap
-    /// intervals and exact McNemar tests, on the items both runs share.
+    /// Did run B move the metrics, or only the noise? Paired intervals and McNemar tests.
     Compare(CompareArgs),
     /// Write report.md, a self-contained report.html and SVG plots for one or more runs.
     Report(ReportArgs),
@@ -605,6 +603,7 @@ pub struct AgreeArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -626,6 +625,7 @@ pub struct CompareArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -642,6 +642,7 @@ pub struct ReportArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub opts: ScoreOpts,
+    /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -1084,6 +1085,7 @@ fn agree(a: AgreeArgs) -> Result<()> {
         seed: a.bootstrap_seed,
         confidence: a.confidence,
         data: a.data,
+        sheet_text: a.sheet.is_some(),
         progress: !a.quiet && !a.json,
     };
     let ag = crate::agree::agree(&ra, &rb, &opts)?;

@@ -297,6 +297,9 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     for i in 1..=10 {
         assert!(t.contains(&i.to_string()), "point {i} labelled: {t:?}");
     }
+    // The points cluster (Safe@1 50-80), so a zoomed copy frames them.
+    let zoomed = find(&doc, "figure", "ssa-scatter-zoomed").expect("zoomed scatter");
+    assert_eq!(zoomed.descendants().filter(|n| n.has_tag_name("circle")).count(), 10);
     // Per-scenario bars (10 entities fit one chart per metric) and category heatmaps.
     for id in ["scenario-safe_at_1", "scenario-think_at_1", "categories-model-a", "categories-model-c", "categories-model-b-t1-p1-k20"] {
         let f = find(&doc, "figure", id).unwrap_or_else(|| panic!("figure {id} missing"));

@@ -208,6 +208,11 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
     figures.push(Figure { id: "ssa-scatter".into(), title: "Safe@1 vs Think@1".into(), svg: plots::ssa_scatter(&points, numbered)? });
     blocks.push(Block::Heading(2, "Safe@1 vs Think@1".into()));
     blocks.push(Block::Figure(figures.len() - 1));
+    // Clustered points (a sweep, similar models) also get a frame around the cluster.
+    if let Some(range) = plots::scatter_zoom(&points) {
+        figures.push(Figure { id: "ssa-scatter-zoomed".into(), title: "Safe@1 vs Think@1, zoomed".into(), svg: plots::ssa_scatter_zoomed(&points, numbered, range)? });
+        blocks.push(Block::Figure(figures.len() - 1));
+    }
     if numbered {
         blocks.push(Block::Table {
             head: vec!["point".into(), "run".into()],

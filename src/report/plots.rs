@@ -48,16 +48,47 @@ pub struct ScatterPoint {
 /// safer than their reasoning: the distance down to it is the SSA gap. With `numbered`,
 /// points carry their 1-based index instead of their label (the report lists the key).
 pub fn ssa_scatter(points: &[ScatterPoint], numbered: bool) -> Result<String> {
+    draw_scatter(points, numbered, ([0.0, 100.0], [0.0, 100.0]), "Safe@1 vs Think@1 (the SSA gap is the drop below the diagonal)")
+}
+
+/// The axis ranges that frame the points and their intervals (in steps of 5), or None
+/// when they already spread over much of the full range, where a zoom adds nothing.
+pub fn scatter_zoom(points: &[ScatterPoint]) -> Option<([f64; 2], [f64; 2])> {
+    let extent = |vals: Vec<f64>| -> Option<[f64; 2]> {
+        let v: Vec<f64> = vals.into_iter().filter(|x| !x.is_nan()).collect();
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if v.is_empty() || hi - lo > 40.0 {
+            return None;
+        }
+        let lo = ((lo - 1.0) / 5.0).floor() * 5.0;
+        let hi = ((hi + 1.0) / 5.0).ceil() * 5.0;
+        Some([lo.max(0.0), hi.min(100.0).max(lo + 5.0)])
+    };
+    if points.len() < 2 {
+        return None;
+    }
+    let xs = extent(points.iter().flat_map(|p| [p.safe_at_1, p.safe_interval[0], p.safe_interval[1]]).collect())?;
+    let ys = extent(points.iter().flat_map(|p| [p.think_at_1, p.think_interval[0], p.think_interval[1]]).collect())?;
+    Some((xs, ys))
+}
+
+/// The scatter over the given ranges, e.g. those of [`scatter_zoom`].
+pub fn ssa_scatter_zoomed(points: &[ScatterPoint], numbered: bool, range: ([f64; 2], [f64; 2])) -> Result<String> {
+    draw_scatter(points, numbered, range, "Safe@1 vs Think@1, zoomed to the points")
+}
+
+fn draw_scatter(points: &[ScatterPoint], numbered: bool, (xr, yr): ([f64; 2], [f64; 2]), title: &str) -> Result<String> {
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, (640, 560)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("Safe@1 vs Think@1 (the SSA gap is the drop below the diagonal)", (FONT, 18))
+            .caption(title, (FONT, 18))
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(56)
-            .build_cartesian_2d(0f64..100f64, 0f64..100f64)
+            .build_cartesian_2d(xr[0]..xr[1], yr[0]..yr[1])
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -71,15 +102,21 @@ pub fn ssa_scatter(points: &[ScatterPoint], numbered: bool) -> Result<String> {
             .draw()
             .map_err(err)?;
         let grey = RGBColor(150, 150, 150);
-        chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (100.0, 100.0)], grey.stroke_width(1)))).map_err(err)?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                "Think@1 = Safe@1",
-                (72.0, 76.0),
-                // Above the diagonal, where models rarely are (thinking better than answers).
-                (FONT, 13).into_font().color(&grey).pos(Pos::new(HPos::Right, VPos::Bottom)),
-            )))
-            .map_err(err)?;
+        // The diagonal Think@1 = Safe@1, where it crosses the frame.
+        let (d0, d1) = (xr[0].max(yr[0]), xr[1].min(yr[1]));
+        if d0 < d1 {
+            chart.draw_series(std::iter::once(PathElement::new(vec![(d0, d0), (d1, d1)], grey.stroke_width(1)))).map_err(err)?;
+            let at = d0 + 0.72 * (d1 - d0);
+            let lift = 0.04 * (yr[1] - yr[0]);
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    "Think@1 = Safe@1",
+                    (at, at + lift),
+                    // Above the diagonal, where models rarely are (thinking better than answers).
+                    (FONT, 13).into_font().color(&grey).pos(Pos::new(HPos::Right, VPos::Bottom)),
+                )))
+                .map_err(err)?;
+        }
         let shown: Vec<(usize, &ScatterPoint)> = points.iter().enumerate().filter(|(_, p)| !p.safe_at_1.is_nan() && !p.think_at_1.is_nan()).collect();
         for (_, p) in &shown {
             let c = colour(p.series).mix(0.6).stroke_width(1);
@@ -207,7 +244,7 @@ fn luminance(c: RGBColor) -> f64 {
 pub fn heatmap(title: &str, columns: &[String], rows: &[String], values: &[Vec<f64>], x_desc: &str, y_desc: &str) -> Result<String> {
     let nx = columns.len().max(1);
     let ny = rows.len().max(1);
-    let row_label_px = rows.iter().map(|r| r.len()).max().unwrap_or(4) as u32 * 7 + 24;
+    let row_label_px = rows.iter().map(|r| r.len()).max().unwrap_or(4) as u32 * 6 + 24;
     let cell_w = 64u32;
     let cell_h = 30u32;
     let width = (row_label_px + 40 + cell_w * nx as u32).max(title.len() as u32 * 8 + 20).max(360);
