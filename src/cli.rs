@@ -676,9 +676,17 @@ pub struct BenchServeArgs {
     /// max_tokens of every request.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// temperature of every request (0 = greedy, as in bench engine; sampling adds the
+    /// sampler's cost to every step).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     /// The prompts: the queries of this data file, in turn.
     #[arg(long, default_value = "data/sample.csv")]
     pub data: String,
+    /// The server's KV cache in MiB (SmolLM2 needs about 45 KiB per token; the default holds
+    /// 64 clients' sequences without setting any aside).
+    #[arg(long, default_value_t = 800)]
+    pub kv_cache_mb: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -950,7 +958,7 @@ fn serve(a: ServeArgs) -> Result<()> {
 
 fn bench_serve(a: BenchServeArgs) -> Result<()> {
     eprintln!("bsa serve in-process on 127.0.0.1, {} threads{}", rayon::current_num_threads(), debug_note());
-    for r in crate::serve::bench(&a.model, &a.device, &a.data, &a.clients, a.requests_per_client, a.max_tokens)? {
+    for r in crate::serve::bench(&a.model, &a.device, &a.data, a.kv_cache_mb, &a.clients, a.requests_per_client, a.max_tokens, a.temperature)? {
         println!("{r}");
     }
     Ok(())

@@ -644,8 +644,9 @@ impl std::fmt::Display for BenchRow {
 
 /// `bsa bench serve`: an in-process server on 127.0.0.1:0 and, for each entry of
 /// `clients`, that many threads sending `per_client` requests each through the HTTP client,
-/// one after another (the data's queries in turn, temperature 0.7, `max_tokens`).
-pub fn bench(model: &str, device: &str, data: &str, clients: &[usize], per_client: usize, max_tokens: usize) -> Result<Vec<BenchRow>> {
+/// one after another (the data's queries in turn, `temperature`, `max_tokens`).
+#[allow(clippy::too_many_arguments)]
+pub fn bench(model: &str, device: &str, data: &str, kv_cache_mb: usize, clients: &[usize], per_client: usize, max_tokens: usize, temperature: f32) -> Result<Vec<BenchRow>> {
     use crate::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
     let queries: Vec<String> = crate::dataset::Dataset::load(data)?.items.into_iter().map(|i| i.query).collect();
     anyhow::ensure!(!queries.is_empty(), "{data} has no items to use as prompts");
@@ -654,6 +655,7 @@ pub fn bench(model: &str, device: &str, data: &str, clients: &[usize], per_clien
         model: model.to_string(),
         port: 0,
         device: device.to_string(),
+        kv_cache_mb,
         batch_size: most.max(1),
         max_queue: most.max(1) * 4,
         max_tokens,
@@ -674,7 +676,7 @@ pub fn bench(model: &str, device: &str, data: &str, clients: &[usize], per_clien
                         let mut tokens = 0;
                         for r in 0..per_client {
                             let q = &queries[(client * per_client + r) % queries.len()];
-                            let req = ChatRequest { messages: vec![Message::user(q.clone())], n: 1, temperature: 0.7, top_p: 1.0, max_tokens, seed: Some((client * per_client + r) as u64), ..Default::default() };
+                            let req = ChatRequest { messages: vec![Message::user(q.clone())], n: 1, temperature, top_p: 1.0, max_tokens, seed: Some((client * per_client + r) as u64), ..Default::default() };
                             tokens += http.chat(&req)?.completion_tokens;
                         }
                         Ok(tokens)
