@@ -886,6 +886,7 @@ fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
 
 fn sweep(a: SweepArgs) -> Result<()> {
     let g = a.generate.into_generate_args();
+    let quiet = g.quiet;
     let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, &g.remote);
     let opts = crate::sweep::SweepOptions {
         generate: generate_options(g)?,
@@ -909,11 +910,16 @@ fn sweep(a: SweepArgs) -> Result<()> {
     let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();
     store::write_json_atomic(&run.join(store::SCORES), &cards)?;
     println!("\n{}", crate::sweep::table(&o.results));
+    // The heatmaps: the same report `bsa report RUN` writes, into the run directory.
+    let judged = crate::judged_run::JudgedRun::load(run)?;
+    let rep = report::document::build(std::slice::from_ref(&judged), &report::document::ReportOptions { score: opts.score.clone(), progress: !quiet })?;
+    let w = report::document::write(&rep, run)?;
     println!(
-        "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); `bsa report {}` draws the heatmaps",
+        "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); heatmaps in {} and {}",
         run.display(),
         crate::sweep::SWEEP_JSON,
-        run.display()
+        w.html.display(),
+        w.markdown.display()
     );
     Ok(())
 }

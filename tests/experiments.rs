@@ -151,9 +151,13 @@ fn bsa_sweep_judges_scores_each_configuration_and_resumes() {
     let o = bsa(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    for s in ["t0.5_p0.9_k0", "t1.0_p0.9_k0", "Safe@1", "Think@k", "F-score", "bsa report"] {
+    for s in ["t0.5_p0.9_k0", "t1.0_p0.9_k0", "Safe@1", "Think@k", "F-score", "heatmaps in"] {
         assert!(text.contains(s), "{s} missing:\n{text}");
     }
+    // The sweep writes its report: one Safe@1 and one Think@1 heatmap over the varying temperature.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("t0.5_p0.9_k0") && html.contains("<svg"), "the sweep's report lacks its configurations or plots");
+    assert!(out.join("report.md").is_file());
     let sweep = json(&out.join("sweep.json"));
     let configs = sweep["configs"].as_array().unwrap();
     assert_eq!(configs.len(), 2);
