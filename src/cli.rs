@@ -451,6 +451,11 @@ pub struct JudgeOpts {
     /// How often an unreadable judge reply is asked again before it is recorded as invalid.
     #[arg(long, default_value_t = 2)]
     pub judge_retries: u32,
+    /// Local judges: start each reply with the label's JSON key ({"Safe_Ans_Check": "), so
+    /// the judge answers with its label at once (at most 16 tokens). Fast, and readable even
+    /// from small judges, but the judge writes no reasoning before its label.
+    #[arg(long)]
+    pub judge_prefill: bool,
 }
 
 #[derive(Debug, Args)]
@@ -798,6 +803,7 @@ fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: 
         data,
         max_new_tokens: j.judge_max_new_tokens,
         retries: j.judge_retries,
+        prefill: j.judge_prefill,
         batch_size,
         kv_cache_mb,
         device,

@@ -69,6 +69,25 @@ fn eval_generates_judges_and_scores_and_resumes() {
     let o = bsa(&["judge", out_s, "--judge", model, "--judge-max-new-tokens", "41", "--quiet"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("job.judge.max_new_tokens"), "{e}");
+
+    // --judge-prefill: the same samples, judged with the reply started at the label's key.
+    let pre = dir.path().join("prefilled");
+    std::fs::create_dir(&pre).unwrap();
+    std::fs::copy(out.join("samples.jsonl"), pre.join("samples.jsonl")).unwrap();
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["job"].as_object_mut().unwrap().remove("judge");
+    std::fs::write(pre.join("manifest.json"), manifest.to_string()).unwrap();
+    let pre_s = pre.to_str().unwrap();
+    ok(&bsa(&["judge", pre_s, "--judge", model, "--judge-prefill", "--judge-retries", "0", "--quiet"]));
+    let verdicts: Vec<Value> = std::fs::read_to_string(pre.join("verdicts.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(verdicts.len(), 6);
+    for v in &verdicts {
+        let raw = v["raw_safety"].as_str().unwrap();
+        assert!(raw.starts_with("{\"Safe_Ans_Check\": \""), "the reply starts at the label: {raw}");
+        assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");
+    }
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(pre.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["job"]["judge"]["reply_start"], "the label's JSON key");
 }
 
 #[test]
@@ -84,6 +103,8 @@ fn bad_judge_settings_are_refused() {
     std::fs::write(run.join("samples.jsonl"), "").unwrap();
     let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge", "openai:gpt"]).stderr).into_owned();
     assert!(e.contains("--judge") && e.contains("openai:MODEL@BASE_URL"), "{e}");
+    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge", "openai:m@http://127.0.0.1:9/v1", "--judge-prefill"]).stderr).into_owned();
+    assert!(e.contains("--judge-prefill") && e.contains("local"), "{e}");
     let prompts = dir.path().join("prompts");
     std::fs::create_dir(&prompts).unwrap();
     std::fs::write(prompts.join("safety.txt"), "{query} {risk_summary} {answer}").unwrap();

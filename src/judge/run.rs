@@ -27,6 +27,14 @@ use crate::store::{JobSpec, OnExisting, RunDir};
 use crate::verdict::{SafetyLabel, ThinkingLabel, Verdict};
 
 /// The raw text recorded when the empty-thinking rule decided the label.
+/// Most new tokens after a prefilled reply start: the longest label and the closing `"}`.
+const PREFILLED_MAX_NEW_TOKENS: usize = 16;
+
+/// The start of a prefilled judge reply for `family`.
+fn reply_start(family: Family) -> String {
+    format!("{{\"{}\": \"", family.key())
+}
+
 pub const EMPTY_THINKING_RULE: &str = "(no judge call: the thinking is empty, which the rubric labels as not identified)";
 
 #[derive(Debug, Clone)]
@@ -38,6 +46,9 @@ pub struct JudgeOptions {
     pub data: Option<String>,
     pub max_new_tokens: usize,
     pub retries: u32,
+    /// Local judges: the reply is started with the label's JSON key (`{"Safe_Ans_Check": "`),
+    /// so the judge's first tokens are its label.
+    pub prefill: bool,
     pub batch_size: usize,
     pub kv_cache_mb: usize,
     pub device: String,
@@ -74,6 +85,9 @@ enum Backend {
 impl Backend {
     fn open(opts: &JudgeOptions) -> Result<Backend> {
         if opts.judge.starts_with("openai:") {
+            if opts.prefill {
+                bail!("--judge-prefill starts the reply inside the local engine; an openai: judge cannot be given a reply's start (drop the flag)");
+            }
             let endpoint = crate::engine::remote::Endpoint::parse(&opts.judge, "--judge")?;
             return Ok(Backend::Remote(crate::engine::remote::Client::new(endpoint, opts.remote.clone())?));
         }
@@ -100,8 +114,9 @@ impl Backend {
         }
     }
 
-    /// One greedy reply per conversation, in order.
-    fn replies(&mut self, conversations: &[&[Message]], max_new_tokens: usize) -> Result<Vec<String>> {
+    /// One greedy reply per conversation, in order; a conversation with a reply start
+    /// (`starts[i]`, local judges only) continues it, and its reply includes it.
+    fn replies(&mut self, conversations: &[&[Message]], starts: &[Option<String>], max_new_tokens: usize) -> Result<Vec<String>> {
         let (m, prompter, cache, sched) = match self {
             Backend::Remote(c) => return super::remote::replies(c, conversations, max_new_tokens),
             Backend::Local { m, prompter, cache, sched } => (m, prompter, cache, sched),
@@ -110,14 +125,22 @@ impl Backend {
             .iter()
             .enumerate()
             .map(|(tag, msgs)| -> Result<PromptGroup> {
-                let text = prompter.render_messages(msgs)?;
+                let mut text = prompter.render_messages(msgs)?;
+                // The label is a few tokens after the key: no room to ramble.
+                let max_new_tokens = match &starts[tag] {
+                    Some(start) => {
+                        text.push_str(start);
+                        max_new_tokens.min(PREFILLED_MAX_NEW_TOKENS)
+                    }
+                    None => max_new_tokens,
+                };
                 Ok(PromptGroup {
                     prompt: tokenize_prompt(m, &text)?,
                     samples: vec![SampleSpec { tag, params: SamplingParams::greedy(), stream: StreamKey::new(0, "judge", tag as u32), max_new_tokens }],
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut replies = vec![String::new(); conversations.len()];
+        let mut replies: Vec<String> = starts.iter().map(|s| s.clone().unwrap_or_default()).collect();
         scheduler::run(
             m.model.as_ref(),
             cache,
@@ -125,7 +148,7 @@ impl Backend {
             groups,
             &mut |_, _| false,
             &mut |f| {
-                replies[f.tag] = decode(m, &f.tokens)?;
+                replies[f.tag].push_str(&decode(m, &f.tokens)?);
                 Ok(())
             },
             &mut |_| {},
@@ -168,6 +191,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     desc.insert("max_new_tokens".into(), opts.max_new_tokens.into());
     desc.insert("retries".into(), opts.retries.into());
     desc.insert("decoding".into(), "greedy".into());
+    desc.insert("reply_start".into(), if opts.prefill { "the label's JSON key" } else { "none" }.into());
     let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
     drop(run_ro);
     let run = RunDir::open(&opts.run, job, OnExisting::Resume)?;
@@ -208,7 +232,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     while !requests.is_empty() {
         let conversations: Vec<&[Message]> = requests.iter().map(|r| r.messages.as_slice()).collect();
         summary.judge_calls += conversations.len();
-        let mut replies = backend.replies(&conversations, opts.max_new_tokens)?;
+        let starts: Vec<Option<String>> = requests.iter().map(|r| opts.prefill.then(|| reply_start(r.family))).collect();
+        let mut replies = backend.replies(&conversations, &starts, opts.max_new_tokens)?;
         let mut next = Vec::new();
         for (tag, r) in requests.into_iter().enumerate() {
             let raw = std::mem::take(&mut replies[tag]);
