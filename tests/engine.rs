@@ -2,7 +2,9 @@
 //! generation, sampling is independent of the batch, the reference implementation agrees,
 //! and `bsa generate` writes, resumes and refuses bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::smollm2;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use bsa::dataset::Dataset;
@@ -14,20 +16,6 @@ use bsa::generation::{tokenize_prompt, Prompter};
 use candle_core::{DType, Device};
 
 /// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("BSA_REQUIRE_MODEL").is_ok() {
-        panic!("SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set; run scripts/fetch-smollm2.sh", p.display());
-    }
-    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
-    None
-}
-
 fn sample_prompts(m: &load::LoadedModel, n: usize) -> Vec<Vec<u32>> {
     let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
     let prompter = Prompter::new(m, None, None, None).unwrap();

@@ -3,8 +3,10 @@
 //! one engine pass (a configuration's samples equal a plain run's), and LoRA adapters
 //! (refused on a GGUF base; recorded by hash on a safetensors base).
 
+mod common;
+use common::smollm2;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use bsa::dataset::{hex_sha256, Selection};
@@ -16,18 +18,6 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 /// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {}; run scripts/fetch-smollm2.sh", p.display());
-    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
-    None
-}
-
 fn bsa(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
 }

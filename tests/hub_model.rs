@@ -4,24 +4,14 @@
 //! The weights are random (small real-shaped Llama); the tokenizer and chat template are
 //! SmolLM2's, taken from the real GGUF.
 
+mod common;
+use common::smollm2;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use bsa::engine::local::{load, tokenizer};
 use candle_core::{DType, Device, Tensor};
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {}", p.display());
-    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (its tokenizer is needed) ***\n", p.display());
-    None
-}
 
 /// Writes a tiny random Llama with SmolLM2's tokenizer into `dir`.
 fn write_model_dir(dir: &Path, gguf: &Path) {

@@ -2,22 +2,11 @@
 //! with the judge's raw text and the rubric hash, a rerun judges nothing twice, and bad
 //! judge settings are refused before anything is written.
 
-use std::path::PathBuf;
+mod common;
+use common::smollm2;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bsa::engine::local::load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {}", p.display());
-    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
-    None
-}
 
 fn bsa(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()

@@ -2,6 +2,8 @@
 //! `bsa judge` through it, an OpenAI-style 4xx for every kind of bad request while it keeps
 //! serving, and 64 concurrent clients all answered within the server's queue bound.
 
+mod common;
+use common::smollm2;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -10,18 +12,6 @@ use std::time::Duration;
 use bsa::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
 use bsa::prompt::Message;
 use serde_json::{json, Value};
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bsa::engine::local::load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set", p.display());
-    eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", p.display());
-    None
-}
 
 /// A `bsa serve` process on a free port, killed when dropped.
 struct Served {
