@@ -23,5 +23,7 @@ pub mod serve;
 pub mod report;
 pub mod safety_rules;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod sweep;
 pub mod verdict;

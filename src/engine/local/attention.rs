@@ -326,11 +326,7 @@ mod tests {
 
     impl Rng {
         fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            crate::test_rng::splitmix64(&mut self.0)
         }
 
         /// Uniform in [-1, 1).
@@ -406,18 +402,7 @@ mod tests {
                 .unwrap();
             let mut att = (qs.matmul(&ks.t().unwrap()).unwrap() * dims.scale as f64).unwrap();
             if s.len > 1 {
-                let mask: Vec<f32> = (0..s.len)
-                    .flat_map(|i| {
-                        (0..kv_len).map(move |j| {
-                            if j > start + i {
-                                f32::NEG_INFINITY
-                            } else {
-                                0.0
-                            }
-                        })
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (s.len, kv_len), &dev).unwrap();
+                let mask = crate::engine::local::models::causal_mask(start, s.len, &dev).unwrap();
                 att = att
                     .reshape((hk, group, s.len, kv_len))
                     .unwrap()

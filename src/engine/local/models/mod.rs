@@ -813,7 +813,7 @@ fn uses_cuda_attention_kernel(cache: &KvCache, heads: usize) -> bool {
 }
 
 /// `[len, start + len]` additive mask: new token `i` (position `start + i`) sees keys `0..=start + i`.
-fn causal_mask(start: usize, len: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(start: usize, len: usize, device: &Device) -> Result<Tensor> {
     let kv_len = start + len;
     let mask: Vec<f32> = (0..len)
         .flat_map(|i| {
