@@ -141,21 +141,8 @@ impl SelectArgs {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A .gguf file, a model directory (config.json, tokenizer*.json, *.safetensors), a
-    /// preset (`bsa models`) or a hub id OWNER/NAME (from the hub cache; HF_HUB_OFFLINE=1 honoured).
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// The benchmark data: .csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE].
-    #[arg(long, default_value = "data/sample.csv")]
-    pub data: String,
     #[command(flatten)]
-    pub select: SelectArgs,
-    /// Samples per query (k of the metrics; the paper uses 5).
-    #[arg(long, default_value_t = 5)]
-    pub samples: u32,
-    /// Seed of the per-sample random streams (seed, item id, sample index).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub run: RunArgs,
     /// Sampling temperature (0 = greedy). Default: the preset's, else 0.6.
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -168,6 +155,31 @@ pub struct GenerateArgs {
     /// Drop tokens below min_p times the top probability (0 = off).
     #[arg(long)]
     pub min_p: Option<f32>,
+    /// Generate through an OpenAI-compatible server instead of the local engine:
+    /// openai:MODEL@BASE_URL (vLLM, SGLang, llama.cpp server, bsa serve, a hosted API).
+    #[arg(long, value_name = "openai:MODEL@BASE_URL")]
+    pub backend: Option<String>,
+}
+
+/// The flags of a generation other than the decoding parameters: `bsa generate` adds single
+/// values of those, `bsa sweep` lists of them.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A .gguf file, a model directory (config.json, tokenizer*.json, *.safetensors), a
+    /// preset (`bsa models`) or a hub id OWNER/NAME (from the hub cache; HF_HUB_OFFLINE=1 honoured).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The benchmark data: .csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE].
+    #[arg(long, default_value = "data/sample.csv")]
+    pub data: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Samples per query, and per configuration in a sweep (k of the metrics; the paper uses 5).
+    #[arg(long, default_value_t = 5)]
+    pub samples: u32,
+    /// Seed of the per-sample random streams (seed, item id, sample index).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Most new tokens per sample. Default: the preset's, else 4096.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -212,10 +224,7 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Generate through an OpenAI-compatible server instead of the local engine:
-    /// openai:MODEL@BASE_URL (vLLM, SGLang, llama.cpp server, bsa serve, a hosted API).
-    #[arg(long, value_name = "openai:MODEL@BASE_URL")]
-    pub backend: Option<String>,
+    /// For an `openai:` backend or judge.
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -325,112 +334,11 @@ pub struct SweepArgs {
     /// Everything else as for `bsa generate` (its --temperature/--top-p/--top-k/--min-p
     /// are replaced by the lists above).
     #[command(flatten)]
-    pub generate: SweepGenerateArgs,
+    pub generate: RunArgs,
     #[command(flatten)]
     pub judge: JudgeOpts,
     #[command(flatten)]
     pub score: ScoreOpts,
-}
-
-/// The generation flags of `bsa sweep` (those of `bsa generate` other than the grid).
-#[derive(Debug, Args)]
-pub struct SweepGenerateArgs {
-    /// The model (as for `bsa generate`: .gguf, directory, preset or hub id).
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// The benchmark data (.csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE]).
-    #[arg(long, default_value = "data/sample.csv")]
-    pub data: String,
-    #[command(flatten)]
-    pub select: SelectArgs,
-    /// Samples per query and configuration (k of the metrics).
-    #[arg(long, default_value_t = 5)]
-    pub samples: u32,
-    /// Seed of the per-sample streams; a configuration's samples equal those of
-    /// `bsa generate` with its parameters and this seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Most new tokens per sample (all configurations). Default: the preset's, else 4096.
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-    /// Stop a sample when its text contains this string (repeatable).
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Most sequences decoding at once (rows of all configurations share batches).
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Most prompt tokens prefilled per step.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
-    /// Memory for the KV cache, in MiB (shared by the generator and then the judge).
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mb: usize,
-    /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// Use this Jinja chat template instead of the model's.
-    #[arg(long, value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
-    /// A system prompt (after the safety rules, if any).
-    #[arg(long)]
-    pub system: Option<String>,
-    #[command(flatten)]
-    pub mitigation: MitigationArgs,
-    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
-    #[arg(long)]
-    pub enable_thinking: Option<bool>,
-    /// The run directory (created, or resumed when it holds the same sweep).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// If --out holds a run, leave it alone and start NAME-2 (NAME-3, ...) beside it.
-    #[arg(long)]
-    pub new_run: bool,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
-    /// For an `openai:` judge.
-    #[command(flatten)]
-    pub remote: RemoteArgs,
-}
-
-impl SweepGenerateArgs {
-    /// As `bsa generate` arguments with no decoding overrides (the grid supplies them).
-    fn into_generate_args(self) -> GenerateArgs {
-        GenerateArgs {
-            model: self.model,
-            data: self.data,
-            select: self.select,
-            samples: self.samples,
-            seed: self.seed,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            min_p: None,
-            max_new_tokens: self.max_new_tokens,
-            stop: self.stop,
-            batch_size: self.batch_size,
-            prefill_chunk: self.prefill_chunk,
-            kv_cache_mb: self.kv_cache_mb,
-            block_size: self.block_size,
-            device: self.device,
-            dtype: self.dtype,
-            chat_template: self.chat_template,
-            system: self.system,
-            mitigation: self.mitigation,
-            enable_thinking: self.enable_thinking,
-            backend: None,
-            remote: self.remote,
-            out: self.out,
-            new_run: self.new_run,
-            quiet: self.quiet,
-        }
-    }
 }
 
 /// The judge's settings, shared by `bsa judge` and `bsa eval`.
@@ -838,7 +746,7 @@ fn judge(a: JudgeArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let g = &a.generate;
+    let g = &a.generate.run;
     let (batch, kv, device, dtype, quiet, remote) = (g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, g.remote.clone());
     let score_opts = a.score.options();
     score_opts.validate()?;
@@ -857,43 +765,46 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
+    let r = a.run;
     Ok(generation::GenerateOptions {
-        model: a.model,
-        device: a.device,
-        dtype: a.dtype,
-        data: a.data,
-        selection: a.select.to_selection()?,
-        samples: a.samples,
-        seed: a.seed,
+        model: r.model,
+        device: r.device,
+        dtype: r.dtype,
+        data: r.data,
+        selection: r.select.to_selection()?,
+        samples: r.samples,
+        seed: r.seed,
         decoding: generation::DecodingOverrides {
             temperature: a.temperature,
             top_p: a.top_p,
             top_k: a.top_k,
             min_p: a.min_p,
-            max_new_tokens: a.max_new_tokens,
-            stop: a.stop,
+            max_new_tokens: r.max_new_tokens,
+            stop: r.stop,
         },
-        batch_size: a.batch_size,
-        prefill_chunk: a.prefill_chunk,
-        kv_cache_mb: a.kv_cache_mb,
-        block_size: a.block_size,
-        chat_template: a.chat_template,
-        system: a.system,
-        safety_rules: a.mitigation.safety_rules,
-        adapter: a.mitigation.adapter,
-        enable_thinking: a.enable_thinking,
-        out: a.out,
-        on_existing: if a.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
-        progress: !a.quiet,
+        batch_size: r.batch_size,
+        prefill_chunk: r.prefill_chunk,
+        kv_cache_mb: r.kv_cache_mb,
+        block_size: r.block_size,
+        chat_template: r.chat_template,
+        system: r.system,
+        safety_rules: r.mitigation.safety_rules,
+        adapter: r.mitigation.adapter,
+        enable_thinking: r.enable_thinking,
+        out: r.out,
+        on_existing: if r.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
+        progress: !r.quiet,
         backend: a.backend,
-        remote: a.remote.options(),
+        remote: r.remote.options(),
     })
 }
 
 fn sweep(a: SweepArgs) -> Result<()> {
-    let g = a.generate.into_generate_args();
+    let g = a.generate;
     let quiet = g.quiet;
     let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, &g.remote);
+    // The grid supplies the decoding parameters; a sweep runs on the local engine.
+    let g = GenerateArgs { run: g, temperature: None, top_p: None, top_k: None, min_p: None, backend: None };
     let opts = crate::sweep::SweepOptions {
         generate: generate_options(g)?,
         grid: crate::sweep::DecodingGrid { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p },
