@@ -357,7 +357,7 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     }
 }
 
-fn batch_rows(
+pub(super) fn batch_rows(
     logits: &[f32],
     vocab: usize,
     params: &[SamplingParams],

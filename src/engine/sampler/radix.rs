@@ -290,16 +290,7 @@ pub fn sample_batch(
     keys: &[StreamKey],
     steps: &[u64],
 ) -> Vec<Drawn> {
-    assert!(
-        vocab > 0 && logits.len().is_multiple_of(vocab),
-        "logits length {} is not a multiple of vocab {vocab}",
-        logits.len()
-    );
-    let rows = logits.len() / vocab;
-    assert!(
-        params.len() == rows && keys.len() == rows && steps.len() == rows,
-        "params, keys and steps: one per row"
-    );
+    super::cpu::batch_rows(logits, vocab, params, keys, steps);
     logits
         .par_chunks(vocab)
         .zip(params.par_iter())
