@@ -87,6 +87,19 @@ pub fn paged_attention_cpu(
     seqs: &[SeqRows],
     dims: AttnDims,
 ) -> Vec<f32> {
+    let loops = Loops::for_head_dim(dims.head_dim);
+    paged_attention_with(q, k_pool, v_pool, seqs, dims, loops)
+}
+
+/// [`paged_attention_cpu`] with the inner loops chosen by the caller (tests compare them).
+fn paged_attention_with(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    seqs: &[SeqRows],
+    dims: AttnDims,
+    loops: Loops,
+) -> Vec<f32> {
     let AttnDims {
         heads,
         kv_heads,
@@ -137,7 +150,7 @@ pub fn paged_attention_cpu(
     let group = heads / kv_heads;
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|t| attend_tile_dispatch(q, k_pool, v_pool, &seqs[t.seq], dims, t))
+        .map(|t| attend_tile(q, k_pool, v_pool, &seqs[t.seq], dims, t, loops))
         .collect();
 
     // Scatter each item's `[tile tokens, group heads, d]` block into the output rows.
@@ -164,46 +177,85 @@ struct Task {
     t1: usize,
 }
 
-/// Runs [`attend_tile`] compiled for AVX2 when the CPU has it (wider vectors for the dot
-/// products and the V sums), else the portable build. Both compute identical values.
-fn attend_tile_dispatch(
-    q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
-    s: &SeqRows,
-    dims: AttnDims,
-    t: &Task,
-) -> Vec<f32> {
+/// The two inner loops of a tile, in a portable build and (x86_64) an AVX2 one. Both run the
+/// same IEEE operations in the same order, lane for lane (no FMA contraction), so they agree
+/// bitwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loops {
+    Portable,
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: `attend_tile_avx2` only needs the AVX2 instructions, which the CPU was
-            // just checked to support; everything else about it is safe code.
-            return unsafe { attend_tile_avx2(q, k_pool, v_pool, s, dims, t) };
-        }
-    }
-    attend_tile(q, k_pool, v_pool, s, dims, t)
+    Avx2,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn attend_tile_avx2(
-    q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
-    s: &SeqRows,
-    dims: AttnDims,
-    t: &Task,
-) -> Vec<f32> {
-    attend_tile(q, k_pool, v_pool, s, dims, t)
+impl Loops {
+    /// AVX2 when the CPU has it and the head dimension is whole vectors.
+    fn for_head_dim(d: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if d.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") {
+            return Loops::Avx2;
+        }
+        let _ = d;
+        Loops::Portable
+    }
+
+    /// `scores[j] = <q, k_j>` for the K rows `k_j` of the listed pool rows ([`dot8`]).
+    fn scores(self, q: &[f32], k_pool: &[f32], rows: RowsOf<'_>, scores: &mut [f32]) {
+        match self {
+            Loops::Portable => {
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = dot8(q, rows.get(k_pool, j));
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Loops::Avx2` is only chosen on CPUs with AVX2 and for whole-vector
+            // head dims; the function checks every slice bound it relies on.
+            Loops::Avx2 => unsafe { avx2::scores(q, k_pool, rows, scores) },
+        }
+    }
+
+    /// `out = Σ_j p[j] v_j` over the V rows `v_j` of the listed pool rows, in `j` order, each
+    /// lane `out[l] += p[j] * v_j[l]` (a rounded product, then a rounded sum).
+    fn weighted_sum(self, p: &[f32], v_pool: &[f32], rows: RowsOf<'_>, out: &mut [f32]) {
+        match self {
+            Loops::Portable => {
+                out.fill(0.0);
+                for (j, &pj) in p.iter().enumerate() {
+                    for (o, &v) in out.iter_mut().zip(rows.get(v_pool, j)) {
+                        *o += pj * v;
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `scores`.
+            Loops::Avx2 => unsafe { avx2::weighted_sum(p, v_pool, rows, out) },
+        }
+    }
+}
+
+/// One head's `d` values in each of a sequence's cache rows.
+#[derive(Debug, Clone, Copy)]
+struct RowsOf<'a> {
+    /// Pool rows, in context order.
+    rows: &'a [u32],
+    /// Floats per pool row.
+    width: usize,
+    /// The head's first float within a row.
+    off: usize,
+    d: usize,
+}
+
+impl<'a> RowsOf<'a> {
+    /// The head's values in context row `j`.
+    fn get<'p>(&self, pool: &'p [f32], j: usize) -> &'p [f32] {
+        &pool[self.rows[j] as usize * self.width + self.off..][..self.d]
+    }
 }
 
 /// Attention of query tokens `t.t0..t.t1` of sequence `s`, query heads of kv head
 /// `t.kv_head`. Returns `[t1 - t0, group, d]`.
 ///
-/// Queries are numbered `m = (token - t0) * group + head_in_group`, so the queries that see
-/// context position `j` are always a suffix `m_lo(j)..` of them (later tokens see more).
-#[inline(always)]
+/// Queries are numbered `m = (token - t0) * group + head_in_group`; query `m` sees the first
+/// `n_seen(m)` context positions.
 fn attend_tile(
     q: &[f32],
     k_pool: &[f32],
@@ -211,108 +263,174 @@ fn attend_tile(
     s: &SeqRows,
     dims: AttnDims,
     t: &Task,
+    loops: Loops,
 ) -> Vec<f32> {
     let d = dims.head_dim;
     let group = dims.heads / dims.kv_heads;
     let q_width = dims.heads * d;
-    let kv_width = dims.kv_heads * d;
-    let head_off = t.kv_head * d;
     let n_q = (t.t1 - t.t0) * group;
     let start = s.start_pos();
-    // Context positions any query of the tile sees; the last query sees all of them.
-    let n_ctx = start + t.t1;
-    // First query (in `m` order) that sees position `j`: token `tok` sees `j` iff
-    // `j <= start + tok`.
-    let m_lo = |j: usize| (j.saturating_sub(start).max(t.t0) - t.t0) * group;
+    let rows = RowsOf {
+        rows: s.rows,
+        width: dims.kv_heads * d,
+        off: t.kv_head * d,
+        d,
+    };
     // Context positions query `m` sees.
     let n_seen = |m: usize| start + t.t0 + m / group + 1;
 
-    // The tile's queries, packed and pre-scaled so the score loop is a plain dot product.
-    let mut qs = vec![0f32; n_q * d];
-    for (m, dst) in qs.chunks_exact_mut(d).enumerate() {
+    let mut qs = vec![0f32; d];
+    let mut scores = vec![0f32; n_seen(n_q - 1)];
+    let mut out = vec![0f32; n_q * d];
+    for (m, o) in out.chunks_exact_mut(d).enumerate() {
+        // The query, pre-scaled so the score loop is a plain dot product.
         let tok = s.tok_off + t.t0 + m / group;
         let h = t.kv_head * group + m % group;
-        let src = &q[tok * q_width + h * d..][..d];
-        for (x, &y) in dst.iter_mut().zip(src) {
+        for (x, &y) in qs.iter_mut().zip(&q[tok * q_width + h * d..][..d]) {
             *x = y * dims.scale;
         }
-    }
-
-    // Scores `[n_q, n_ctx]`; each K row is read once for all queries that see it.
-    let mut scores = vec![0f32; n_q * n_ctx];
-    for (j, &row) in s.rows[..n_ctx].iter().enumerate() {
-        let k = &k_pool[row as usize * kv_width + head_off..][..d];
-        for m in m_lo(j)..n_q {
-            scores[m * n_ctx + j] = dot(&qs[m * d..][..d], k);
-        }
-    }
-
-    // Softmax numerators in place, subtracting each query's max; the normalisation is folded
-    // into the output below.
-    let mut inv_sum = vec![0f32; n_q];
-    for (m, inv) in inv_sum.iter_mut().enumerate() {
-        let sc = &mut scores[m * n_ctx..][..n_seen(m)];
+        let sc = &mut scores[..n_seen(m)];
+        loops.scores(&qs, k_pool, rows, sc);
+        // Softmax numerators, subtracting the max; the normalisation is applied to the output.
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
         for x in sc.iter_mut() {
             *x = (*x - max).exp();
             sum += *x as f64;
         }
-        *inv = (1.0 / sum) as f32;
-    }
-
-    // Weighted V sum; each V row is read once for all queries that see it.
-    let mut out = vec![0f32; n_q * d];
-    for (j, &row) in s.rows[..n_ctx].iter().enumerate() {
-        let v = &v_pool[row as usize * kv_width + head_off..][..d];
-        for m in m_lo(j)..n_q {
-            axpy(&mut out[m * d..][..d], scores[m * n_ctx + j], v);
-        }
-    }
-    for (o, &inv) in out.chunks_exact_mut(d).zip(&inv_sum) {
-        for x in o {
+        let inv = (1.0 / sum) as f32;
+        loops.weighted_sum(sc, v_pool, rows, o);
+        for x in o.iter_mut() {
             *x *= inv;
         }
     }
     out
 }
 
-/// Lanes of the dot-product accumulator: independent partial sums the compiler maps onto
-/// vector registers (two AVX or four SSE registers), keeping several additions in flight.
-const LANES: usize = 16;
-
-/// `Σ a_i b_i` with a fixed lane split and reduction order (so every build and call agrees).
+/// `Σ a_i b_i` with 8 lanes (`acc[i % 8] += a_i * b_i`, product and sum each rounded) and a
+/// fixed reduction, `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`: what the AVX2 loop
+/// computes (8 lanes, then `hadd`, `hadd` and the two halves added).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..LANES {
+        for i in 0..8 {
             acc[i] += x[i] * y[i];
         }
     }
     for (i, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
         acc[i] += x * y;
     }
-    // Pairwise halving: 16 -> 8 -> 4 -> 2 -> 1.
-    let mut w = LANES / 2;
-    while w > 0 {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-        w /= 2;
-    }
-    acc[0]
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
-/// `y += a * x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
+// The register arrays are indexed by vector number, as the lanes they hold are.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::RowsOf;
+    use std::arch::x86_64::*;
+
+    /// Checks that every row `rows` names has its `d` values inside `pool`.
+    fn check_rows(pool: &[f32], rows: RowsOf<'_>, n: usize) {
+        assert!(rows.d.is_multiple_of(8) && rows.off + rows.d <= rows.width);
+        let limit = pool.len() / rows.width.max(1);
+        assert!(rows.rows[..n].iter().all(|&r| (r as usize) < limit));
+    }
+
+    /// [`super::Loops::scores`]: four context rows at a time, each query vector loaded once
+    /// for all four, four 8-lane accumulators reduced together by two rounds of `hadd`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scores(q: &[f32], pool: &[f32], rows: RowsOf<'_>, out: &mut [f32]) {
+        let n = out.len();
+        check_rows(pool, rows, n);
+        assert_eq!(q.len(), rows.d);
+        let nv = rows.d / 8;
+        // SAFETY: `check_rows` bounds every row start plus `d` within `pool`; `q` holds `d`.
+        let row = |j: usize| pool.as_ptr().add(rows.rows[j] as usize * rows.width + rows.off);
+        let mut j = 0;
+        while j < n {
+            // A short last group repeats its last row; the extra results are dropped.
+            let idx = [0, 1, 2, 3].map(|i| (j + i).min(n - 1));
+            let p = idx.map(row);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for v in 0..nv {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(8 * v));
+                for i in 0..4 {
+                    let kv = _mm256_loadu_ps(p[i].add(8 * v));
+                    acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(qv, kv));
+                }
+            }
+            // [s0 s1 s2 s3] as (l0+l1)+(l2+l3) in the low half, (l4+l5)+(l6+l7) in the high.
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            let s: [f32; 4] = std::mem::transmute(s);
+            let take = (n - j).min(4);
+            out[j..j + take].copy_from_slice(&s[..take]);
+            j += 4;
+        }
+    }
+
+    /// [`super::Loops::weighted_sum`]: up to 64 output lanes (8 vectors) held in registers
+    /// while the context rows stream past.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn weighted_sum(p: &[f32], pool: &[f32], rows: RowsOf<'_>, out: &mut [f32]) {
+        check_rows(pool, rows, p.len());
+        assert_eq!(out.len(), rows.d);
+        let mut col = 0;
+        while col < rows.d {
+            let nv = ((rows.d - col) / 8).min(8);
+            match nv {
+                1 => columns::<1>(p, pool, rows, col, out),
+                2 => columns::<2>(p, pool, rows, col, out),
+                3 => columns::<3>(p, pool, rows, col, out),
+                4 => columns::<4>(p, pool, rows, col, out),
+                5 => columns::<5>(p, pool, rows, col, out),
+                6 => columns::<6>(p, pool, rows, col, out),
+                7 => columns::<7>(p, pool, rows, col, out),
+                _ => columns::<8>(p, pool, rows, col, out),
+            }
+            col += 8 * nv;
+        }
+    }
+
+    /// Output lanes `col..col + 8 * NV` of [`weighted_sum`].
+    #[inline(always)]
+    unsafe fn columns<const NV: usize>(
+        p: &[f32],
+        pool: &[f32],
+        rows: RowsOf<'_>,
+        col: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(col + 8 * NV <= rows.d && out.len() == rows.d);
+        let mut acc = [_mm256_setzero_ps(); NV];
+        for (j, &pj) in p.iter().enumerate() {
+            // SAFETY: the row was bounds-checked by the caller; lanes stay below `d`.
+            let r = pool
+                .as_ptr()
+                .add(rows.rows[j] as usize * rows.width + rows.off + col);
+            let w = _mm256_set1_ps(pj);
+            for v in 0..NV {
+                acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(w, _mm256_loadu_ps(r.add(8 * v))));
+            }
+        }
+        for v in 0..NV {
+            _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * v), acc[v]);
+        }
     }
 }
 
@@ -489,6 +607,10 @@ mod tests {
         };
         let ours = paged_attention_cpu(&q, &k_pool, &v_pool, &seqs, dims);
         let want = reference(&q, &k_pool, &v_pool, &seqs, dims);
+        // The portable loops give the chosen (SIMD where the CPU has it) loops' bits.
+        let portable = paged_attention_with(&q, &k_pool, &v_pool, &seqs, dims, Loops::Portable);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&portable), "portable vs {:?}", Loops::for_head_dim(d));
         assert!(ours[..heads * d].iter().all(|&x| x == 0.0));
         // Per sequence, so a failure says which one.
         for (i, s) in seqs.iter().enumerate() {
@@ -527,6 +649,8 @@ mod tests {
     fn matches_candle_reference_gqa_2() {
         check(3, 4, 2, 16, MIXED);
         check(4, 8, 4, 64, MIXED);
+        // Qwen's head dim: two 64-lane column blocks.
+        check(11, 4, 2, 128, MIXED);
     }
 
     #[test]
@@ -537,8 +661,11 @@ mod tests {
 
     #[test]
     fn head_dim_with_a_remainder_lane() {
-        // 40 = 2 x 16 lanes + 8: the dot product's tail path.
-        check(7, 4, 2, 40, &[(3, 1), (0, 5), (9, 18)]);
+        // 20 = 2 x 8 lanes + 4: the dot product's tail path (portable loops only); 40 is 5
+        // whole vectors, and 72 takes a 64-lane and an 8-lane column block in the V sum.
+        check(7, 4, 2, 20, &[(3, 1), (0, 5), (9, 18)]);
+        check(8, 4, 2, 40, &[(3, 1), (0, 5), (9, 18)]);
+        check(10, 3, 1, 72, &[(3, 1), (0, 5), (9, 18)]);
     }
 
 
