@@ -54,12 +54,12 @@ const MAX_PAIRS: usize = 8;
 /// every activation tile passes over them.
 const ROWS_PER_TASK: usize = 16;
 /// Matmuls of at most this many (weight block x activation row) products run on the calling
-/// thread: ~10 us of work, about what handing a job to rayon's workers and waiting for them
-/// costs. Decode's small projections (576x576, 192x576 at one row) fall under it; measured on
-/// SmolLM2 decode it took ~10-15% off per-token time. (candle's spinning barrier pool has no such
-/// round trip, but when the cores are oversubscribed its spin-waits collapsed decode to
-/// 8 tok/s where rayon kept 76.)
-const SERIAL_MAX_BLOCKS: usize = 12_000;
+/// thread: a few us of work, about what splitting a job over rayon's workers costs when the
+/// caller is itself a worker (the models run their forward on one, see `on_a_worker`). On
+/// SmolLM2 single-stream decode (2 cores), 3,000 measured ~15% faster than 12,000, which was
+/// right when the forward ran outside the pool and each split cost two context switches;
+/// 800 measured the same as 3,000.
+const SERIAL_MAX_BLOCKS: usize = 3_000;
 
 /// Where things are in one repacked Q4_1 row of `nb` blocks: the `d` scales (f16, padded with
 /// zeros to an even count, so block pairs load theirs together), the `m` minimums (f16, padded
@@ -178,29 +178,23 @@ impl Q4_1Matrix {
         let kernel = kernel();
         let acts = Acts::quantize(x, n, inp, kernel);
         let row_bytes = self.layout().row_bytes();
-        drive(out, n, inp / QK, y, q4_1_tile, |o, wn, r0, rt, res| {
+        drive(out, n, inp / QK, y, tile, |o, wn, r0, rt, res| {
             // Row `o` on, with the bytes after the last row (see `PAD`).
             kernel.dot(&self.data[o * row_bytes..], wn, acts.rows(r0, rt), res)
         });
     }
 }
 
-/// Q4_1 tiles `(activation rows, weight rows)` for `left` activation rows still to do: up to
-/// 4 x 2 pairs (8 f32 accumulators of 8 lanes, plus the unpacked nibbles, fit the 16 ymm
+/// Tiles `(activation rows, weight rows)` of both kernels for `left` activation rows still to
+/// do: up to 4 x 2 pairs (8 f32 accumulators of 8 lanes, plus the unpacked nibbles, fit the 16 ymm
 /// registers), and 4 weight rows for a single activation row (decode).
-fn q4_1_tile(left: usize) -> (usize, usize) {
+fn tile(left: usize) -> (usize, usize) {
     match left {
         1 => (1, 4),
         2 => (2, 4),
         3 => (3, 2),
-        _ => (4, 2),
+        _ => (ROW_TILE, 2),
     }
-}
-
-/// Q8_0 tiles: at most 4 pairs.
-fn q8_0_tile(left: usize) -> (usize, usize) {
-    let rt = ROW_TILE.min(left);
-    (rt, 4 / rt)
 }
 
 /// Runs `dot(o, wn, r0, rt, res)` (weight rows `o..o + wn` against activation rows
@@ -799,11 +793,14 @@ mod avx2 {
     /// broadcast `dw * dx` into 8 f32 lanes; candle's horizontal sum at the end. `|w|` and
     /// `dw` are computed once per weight block for all R rows.
     ///
+    /// With `VNNI`, one `vpdpbusd` of `|w|` and the signed `x` gives the same exact lane sums
+    /// as `maddubs` + `madd`.
+    ///
     /// # Safety
-    /// The CPU must support avx2, fma and f16c; `w` must hold W rows of `a.nb` Q8_0 blocks,
-    /// `a.qs` and `a.d` R rows of blocks, and `res` `W * R` entries.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0<const W: usize, const R: usize>(
+    /// The CPU must support avx2, fma and f16c (and avxvnni if `VNNI`); `w` must hold W rows
+    /// of `a.nb` Q8_0 blocks, `a.qs` and `a.d` R rows of blocks, and `res` `W * R` entries.
+    #[inline(always)]
+    unsafe fn q8_0_body<const W: usize, const R: usize, const VNNI: bool>(
         w: &[u8],
         a: Act8Rows<'_>,
         res: &mut [f32],
@@ -836,7 +833,11 @@ mod avx2 {
                 let dx = a.d[r * nb + b];
                 for i in 0..W {
                     let sx = _mm256_sign_epi8(x, wq[i]);
-                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[i], sx), ones);
+                    let lanes = if VNNI {
+                        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wabs[i], sx)
+                    } else {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[i], sx), ones)
+                    };
                     let d = _mm256_set1_ps(dw[i] * dx);
                     acc[i][r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[i][r]);
                 }
@@ -847,6 +848,32 @@ mod avx2 {
                 res[i * R + r] = hsum8(acc[i][r]);
             }
         }
+    }
+
+    /// [`q8_0_body`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`q8_0_body`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0<const W: usize, const R: usize>(
+        w: &[u8],
+        a: Act8Rows<'_>,
+        res: &mut [f32],
+    ) {
+        q8_0_body::<W, R, false>(w, a, res)
+    }
+
+    /// [`q8_0_body`] with AVX-VNNI.
+    ///
+    /// # Safety
+    /// As [`q8_0_body`], and the CPU must support avxvnni.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn dot_q8_0_vnni<const W: usize, const R: usize>(
+        w: &[u8],
+        a: Act8Rows<'_>,
+        res: &mut [f32],
+    ) {
+        q8_0_body::<W, R, true>(w, a, res)
     }
 
     /// [`super::quantize_block_scalar`] with the same operations, 8 lanes at a time: the
@@ -994,7 +1021,7 @@ impl Q8_0Matrix {
         let kernel = kernel();
         let acts = Acts8::quantize(x, n, inp, kernel);
         let row_bytes = inp / QK * Q8_0_BYTES;
-        drive(out, n, inp / QK, y, q8_0_tile, |o, wn, r0, rt, res| {
+        drive(out, n, inp / QK, y, tile, |o, wn, r0, rt, res| {
             kernel.dot_q8_0(&self.data[o * row_bytes..], wn, acts.rows(r0, rt), res)
         });
     }
@@ -1086,18 +1113,15 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: these kernels are only chosen after detecting avx2, fma and f16c; the
             // lengths the kernel relies on were checked above.
-            Kernel::Avx2 | Kernel::Vnni => unsafe {
-                match (nw, nr) {
-                    (1, 1) => avx2::dot_q8_0::<1, 1>(w, a, res),
-                    (2, 1) => avx2::dot_q8_0::<2, 1>(w, a, res),
-                    (3, 1) => avx2::dot_q8_0::<3, 1>(w, a, res),
-                    (4, 1) => avx2::dot_q8_0::<4, 1>(w, a, res),
-                    (1, 2) => avx2::dot_q8_0::<1, 2>(w, a, res),
-                    (2, 2) => avx2::dot_q8_0::<2, 2>(w, a, res),
-                    (1, 3) => avx2::dot_q8_0::<1, 3>(w, a, res),
-                    (1, 4) => avx2::dot_q8_0::<1, 4>(w, a, res),
-                    _ => unreachable!("tile of {nw} x {nr}"),
-                }
+            Kernel::Avx2 => unsafe {
+                dispatch_tile!(nw, nr, avx2::dot_q8_0, (w, a, res), [(1, 1), (2, 1), (3, 1),
+                    (4, 1), (1, 2), (2, 2), (3, 2), (4, 2), (1, 3), (2, 3), (1, 4), (2, 4)])
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, and `Kernel::Vnni` also needs avxvnni, detected likewise.
+            Kernel::Vnni => unsafe {
+                dispatch_tile!(nw, nr, avx2::dot_q8_0_vnni, (w, a, res), [(1, 1), (2, 1), (3, 1),
+                    (4, 1), (1, 2), (2, 2), (3, 2), (4, 2), (1, 3), (2, 3), (1, 4), (2, 4)])
             },
         }
     }
@@ -1241,28 +1265,42 @@ mod tests {
         v.iter().map(|f| f.to_bits()).collect()
     }
 
-    /// `x W^T` with the given kernel forced, one weight row per call, tiles of up to 4 rows
-    /// (single-threaded; `matmul` groups rows differently).
+    /// `[n, out]` from `dot(o, wn, r0, rt, res)` calls, single-threaded, with tiles other than
+    /// `matmul`'s: activation tiles of 3, 1, 4, 2, ... rows, against 3, 4, 2 and 2 weight rows
+    /// (fewer at the ends), so every tile shape the kernels take gets used.
+    fn run_tiles(out: usize, n: usize, dot: impl Fn(usize, usize, usize, usize, &mut [f32])) -> Vec<Vec<f32>> {
+        let mut y = vec![vec![0f32; out]; n];
+        let (mut r0, mut step) = (0, 0);
+        while r0 < n {
+            let rt = [3, 1, 4, 2][step % 4].min(n - r0);
+            let wt = [3, 4, 2, 2][rt - 1];
+            let mut o = 0;
+            while o < out {
+                let wn = wt.min(out - o);
+                let mut res = [0f32; MAX_PAIRS];
+                dot(o, wn, r0, rt, &mut res[..wn * rt]);
+                for wi in 0..wn {
+                    for r in 0..rt {
+                        y[r0 + r][o + wi] = res[wi * rt + r];
+                    }
+                }
+                o += wn;
+            }
+            r0 += rt;
+            step += 1;
+        }
+        y
+    }
+
+    /// `x W^T` with the given kernel forced ([`run_tiles`]).
     fn run(m: &Q4_1Matrix, x: &Tensor, k: Kernel) -> Vec<Vec<f32>> {
         let (n, inp) = x.dims2().unwrap();
         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let mut y = vec![vec![0f32; m.out_features]; n];
         let acts = Acts::quantize(&xv, n, inp, k);
         let row_bytes = m.layout().row_bytes();
-        for o in 0..m.out_features {
-            let wrow = &m.data[o * row_bytes..];
-            let mut r0 = 0;
-            while r0 < n {
-                let rt = ROW_TILE.min(n - r0);
-                let mut res = [0f32; ROW_TILE];
-                k.dot(wrow, 1, acts.rows(r0, rt), &mut res[..rt]);
-                for r in 0..rt {
-                    y[r0 + r][o] = res[r];
-                }
-                r0 += rt;
-            }
-        }
-        y
+        run_tiles(m.out_features, n, |o, wn, r0, rt, res| {
+            k.dot(&m.data[o * row_bytes..], wn, acts.rows(r0, rt), res)
+        })
     }
 
     /// From the raw ggml blocks (not our repacked copy) and the quantized activations:
@@ -1610,27 +1648,11 @@ mod tests {
     fn run_q8(m: &Q8_0Matrix, x: &Tensor, k: Kernel) -> Vec<Vec<f32>> {
         let (n, inp) = x.dims2().unwrap();
         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let mut y = vec![vec![0f32; m.out_features]; n];
         let acts = Acts8::quantize(&xv, n, inp, k);
         let row_bytes = inp / QK * Q8_0_BYTES;
-        for o in 0..m.out_features {
-            let mut r0 = 0;
-            while r0 < n {
-                let rt = ROW_TILE.min(n - r0);
-                let mut res = [0f32; ROW_TILE];
-                k.dot_q8_0(
-                    &m.data[o * row_bytes..],
-                    1,
-                    acts.rows(r0, rt),
-                    &mut res[..rt],
-                );
-                for r in 0..rt {
-                    y[r0 + r][o] = res[r];
-                }
-                r0 += rt;
-            }
-        }
-        y
+        run_tiles(m.out_features, n, |o, wn, r0, rt, res| {
+            k.dot_q8_0(&m.data[o * row_bytes..], wn, acts.rows(r0, rt), res)
+        })
     }
 
     /// Q8_0 against candle's QMatMul: with AVX2 the same operations in the same order as
