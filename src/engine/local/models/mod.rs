@@ -476,8 +476,9 @@ impl Linear {
         }
     }
 
-    /// A GGUF weight: Q4_1 and Q8_0 on the CPU go to our kernels (bitwise equal to candle's,
-    /// see [`crate::engine::local::quant`]), anything else to candle's QMatMul.
+    /// A GGUF weight: Q4_1 and Q8_0 on the CPU go to our kernels (candle's quantized operands,
+    /// see [`crate::engine::local::quant`] for the arithmetic), anything else to candle's
+    /// QMatMul.
     /// `CANDLE_DEQUANTIZE_ALL(_F16)` (dense reference runs) and `BSA_NO_QUANT_KERNEL` (A/B
     /// timing) keep candle's path.
     pub fn from_qtensor(
