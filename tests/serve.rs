@@ -258,6 +258,33 @@ fn sixty_four_concurrent_clients_are_all_answered_within_the_queue_bound() {
     assert!(st["decode_tokens"].as_u64().unwrap() > st["decode_steps"].as_u64().unwrap(), "{st}");
 }
 
+/// Our client's workers are served together, not a few at a time: each worker of one
+/// `Client` (concurrency 8) sends two requests in turn, and every decode step carries about
+/// 8 sequences. (tiny_http pins a pool thread to each open connection and queues connections
+/// that arrive together behind them; with kept-alive connections only 4 of the 8 workers were
+/// served until the others' connections closed, a mean decode batch of 4.)
+#[test]
+fn a_clients_concurrent_requests_share_decode_steps() {
+    let Some(model) = smollm2() else { return };
+    let server = Served::start(&model, &["--batch-size", "8"]);
+    let endpoint = Endpoint::parse(&format!("openai:smollm2-135m@{}", server.base), "--backend").unwrap();
+    let client = Client::new(endpoint, ClientOptions { concurrency: 8, ..Default::default() }).unwrap();
+    // Greedy, one prompt, no stop before max_tokens is likely: every request decodes alike.
+    let req = ChatRequest { messages: vec![Message::user("Write a long story about a lighthouse.")], n: 1, temperature: 0.0, top_p: 1.0, max_tokens: 24, ..Default::default() };
+    let mut lens = Vec::new();
+    client.chat_all((0..16).map(|i| (i, req.clone())).collect(), &mut |_, r| {
+        lens.push(r.completion_tokens);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(lens.len(), 16);
+    let (_, health, _) = send(&server.url("/health"), None, None);
+    let st = &health["stats"];
+    let (tokens, steps) = (st["decode_tokens"].as_f64().unwrap(), st["decode_steps"].as_f64().unwrap());
+    // Requests that arrive a step apart decode a step apart, so allow some ragged edges.
+    assert!(tokens / steps >= 6.0, "mean decode batch {:.1} with 8 workers: {st} (lengths {lens:?})", tokens / steps);
+}
+
 /// The server's engine feeds the scheduler while it runs: a prompt that arrives after
 /// others started decoding joins their steps and still decodes exactly as it would alone.
 #[test]

@@ -270,7 +270,12 @@ impl Client {
     }
 
     fn attempt(&self, url: &str, body: &str) -> std::result::Result<ChatReply, Failure> {
-        let mut r = self.agent.post(url).set("Content-Type", "application/json");
+        // A fresh connection per request: servers built on tiny_http (`bsa serve` among them)
+        // pin one pool thread to each open connection, and connections that arrive together
+        // can be queued behind them until they close; kept alive, 8 workers got 4 served at a
+        // time, the others only once the first ones' connections went away. A reconnect costs
+        // far less than a completion.
+        let mut r = self.agent.post(url).set("Content-Type", "application/json").set("Connection", "close");
         if let Some(k) = &self.key {
             r = r.set("Authorization", &format!("Bearer {}", k.0));
         }
