@@ -545,6 +545,7 @@ fn kernels_here() -> Vec<Kernel> {
 }
 
 /// Calls `$m::$f::<W, R>$args` for the tile `($nw, $nr)`, one of the listed shapes.
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_tile {
     ($nw:expr, $nr:expr, $m:ident::$f:ident, $args:tt, [$(($w:literal, $r:literal)),*]) => {
         match ($nw, $nr) {
