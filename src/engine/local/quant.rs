@@ -665,6 +665,30 @@ mod avx2 {
     /// 256 took ~20-35% off them (1536x576: 40 -> 32 us), with no change for 4-row tiles.
     const PREFETCH: usize = 256;
 
+    /// The two compiled entry points of a kernel body: `$plain` for AVX2 (with FMA and F16C)
+    /// and `$vnni` with AVX-VNNI as well.
+    macro_rules! entry_points {
+        ($body:ident, $rows:ident, $plain:ident, $vnni:ident) => {
+            #[doc = concat!("[`", stringify!($body), "`] on AVX2.")]
+            ///
+            /// # Safety
+            #[doc = concat!("As [`", stringify!($body), "`].")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $plain<const W: usize, const R: usize>(w: &[u8], a: $rows<'_>, res: &mut [f32]) {
+                $body::<W, R, false>(w, a, res)
+            }
+
+            #[doc = concat!("[`", stringify!($body), "`] with AVX-VNNI.")]
+            ///
+            /// # Safety
+            #[doc = concat!("As [`", stringify!($body), "`], and the CPU must support avxvnni.")]
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+            pub(super) unsafe fn $vnni<const W: usize, const R: usize>(w: &[u8], a: $rows<'_>, res: &mut [f32]) {
+                $body::<W, R, true>(w, a, res)
+            }
+        };
+    }
+
     /// [`super::hsum8`] on a vector.
     #[inline(always)]
     unsafe fn hsum8(v: __m256) -> f32 {
@@ -762,31 +786,7 @@ mod avx2 {
         }
     }
 
-    /// [`q4_1_body`] on AVX2.
-    ///
-    /// # Safety
-    /// As [`q4_1_body`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1<const W: usize, const R: usize>(
-        w: &[u8],
-        a: ActRows<'_>,
-        res: &mut [f32],
-    ) {
-        q4_1_body::<W, R, false>(w, a, res)
-    }
-
-    /// [`q4_1_body`] with AVX-VNNI.
-    ///
-    /// # Safety
-    /// As [`q4_1_body`], and the CPU must support avxvnni.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(super) unsafe fn dot_q4_1_vnni<const W: usize, const R: usize>(
-        w: &[u8],
-        a: ActRows<'_>,
-        res: &mut [f32],
-    ) {
-        q4_1_body::<W, R, true>(w, a, res)
-    }
+    entry_points!(q4_1_body, ActRows, dot_q4_1, dot_q4_1_vnni);
 
     /// Q8_0 kernel, W weight rows against R activation rows, with candle's AVX arithmetic:
     /// per block, `|w|` (u8) times `x` signed by `w` (`maddubs`, at most 2 * 128 * 127 per
@@ -851,31 +851,7 @@ mod avx2 {
         }
     }
 
-    /// [`q8_0_body`] on AVX2.
-    ///
-    /// # Safety
-    /// As [`q8_0_body`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0<const W: usize, const R: usize>(
-        w: &[u8],
-        a: Act8Rows<'_>,
-        res: &mut [f32],
-    ) {
-        q8_0_body::<W, R, false>(w, a, res)
-    }
-
-    /// [`q8_0_body`] with AVX-VNNI.
-    ///
-    /// # Safety
-    /// As [`q8_0_body`], and the CPU must support avxvnni.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(super) unsafe fn dot_q8_0_vnni<const W: usize, const R: usize>(
-        w: &[u8],
-        a: Act8Rows<'_>,
-        res: &mut [f32],
-    ) {
-        q8_0_body::<W, R, true>(w, a, res)
-    }
+    entry_points!(q8_0_body, Act8Rows, dot_q8_0, dot_q8_0_vnni);
 
     /// [`super::quantize_block_scalar`] with the same operations, 8 lanes at a time: the
     /// absolute maximum (exact in any order), `x * id`, truncation and the +-0.5 remainder
