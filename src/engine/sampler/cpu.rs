@@ -391,13 +391,26 @@ pub fn sample_batch(
     keys: &[StreamKey],
     steps: &[u64],
 ) -> Vec<u32> {
+    map_rows(logits, vocab, params, keys, steps, sample_row)
+}
+
+/// Checks the batch's shape ([`batch_rows`]), then runs `f(row, params, u)` on every row in
+/// parallel, `u` being the row's own uniform draw for its step.
+pub(super) fn map_rows<T: Send>(
+    logits: &[f32],
+    vocab: usize,
+    params: &[SamplingParams],
+    keys: &[StreamKey],
+    steps: &[u64],
+    f: impl Fn(&[f32], &SamplingParams, f64) -> T + Sync + Send,
+) -> Vec<T> {
     batch_rows(logits, vocab, params, keys, steps);
     logits
         .par_chunks(vocab)
         .zip(params.par_iter())
         .zip(keys.par_iter())
         .zip(steps.par_iter())
-        .map(|(((row, p), key), &step)| sample_row(row, p, key.uniform(step)))
+        .map(|(((row, p), key), &step)| f(row, p, key.uniform(step)))
         .collect()
 }
 

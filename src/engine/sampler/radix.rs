@@ -34,7 +34,6 @@
 //! except when a running sum lands within that distance of its threshold; the tests
 //! measure how often.
 
-use rayon::prelude::*;
 
 use super::cpu::{self, SamplingParams, NO_TOKEN};
 use super::philox::StreamKey;
@@ -290,19 +289,14 @@ pub fn sample_batch(
     keys: &[StreamKey],
     steps: &[u64],
 ) -> Vec<Drawn> {
-    super::cpu::batch_rows(logits, vocab, params, keys, steps);
-    logits
-        .par_chunks(vocab)
-        .zip(params.par_iter())
-        .zip(keys.par_iter().zip(steps.par_iter()))
-        .map(|((row, p), (key, &step))| sample_row(row, p, key.uniform(step)))
-        .collect()
+    super::cpu::map_rows(logits, vocab, params, keys, steps, sample_row)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_stats::{chi_square_p_value, chi_square_stat};
     use super::*;
+    use rayon::prelude::*;
 
     /// xorshift64*: deterministic inputs without a dependency.
     struct Gen(u64);
