@@ -192,18 +192,11 @@ pub struct RunArgs {
     /// Most prompt tokens prefilled per step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mb: usize,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Use this Jinja chat template instead of the model's.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
@@ -227,6 +220,21 @@ pub struct RunArgs {
     /// For an `openai:` backend or judge.
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+/// Where the local engine runs and how much KV cache it gets: the same flags for generate,
+/// judge, eval, sweep and serve.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 /// How `bsa` talks to an OpenAI-compatible server (--backend openai:..., --judge openai:...).
@@ -283,9 +291,8 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled per step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mb: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Most samples queued or decoding at once; requests beyond it get 429 (retry later).
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -295,10 +302,6 @@ pub struct ServeArgs {
     /// Most new tokens per sample (max_tokens), also the default when a request has none.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
 }
 
 /// The paper's mitigations: safety rules in the prompt, and fine-tuned (LoRA) weights.
@@ -379,12 +382,8 @@ pub struct JudgeArgs {
     pub data: Option<String>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mb: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -703,8 +702,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, kv_cache_mb: usize, device: String, dtype: String, quiet: bool, remote: &RemoteArgs) -> crate::judge::run::JudgeOptions {
+fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, engine: &EngineArgs, quiet: bool, remote: &RemoteArgs) -> crate::judge::run::JudgeOptions {
     crate::judge::run::JudgeOptions {
         judge: j.judge.clone(),
         rubrics_dir: j.judge_prompts.clone(),
@@ -713,9 +711,9 @@ fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: 
         retries: j.judge_retries,
         prefill: j.judge_prefill,
         batch_size,
-        kv_cache_mb,
-        device,
-        dtype,
+        kv_cache_mb: engine.kv_cache_mb,
+        device: engine.device.clone(),
+        dtype: engine.dtype.clone(),
         run,
         progress: !quiet,
         remote: remote.options(),
@@ -739,7 +737,7 @@ fn print_judge_summary(run: &std::path::Path, s: &crate::judge::run::JudgeSummar
 }
 
 fn judge(a: JudgeArgs) -> Result<()> {
-    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, a.kv_cache_mb, a.device, a.dtype, a.quiet, &a.remote);
+    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, &a.engine, a.quiet, &a.remote);
     let s = crate::judge::run::judge(&opts)?;
     print_judge_summary(&a.run, &s);
     Ok(())
@@ -747,11 +745,11 @@ fn judge(a: JudgeArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let g = &a.generate.run;
-    let (batch, kv, device, dtype, quiet, remote) = (g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, g.remote.clone());
+    let (batch, engine, quiet, remote) = (g.batch_size, g.engine.clone(), g.quiet, g.remote.clone());
     let score_opts = a.score.options();
     score_opts.validate()?;
     let run = generate(a.generate)?;
-    let opts = judge_options(&a.judge, run.clone(), None, batch, kv, device, dtype, quiet, &remote);
+    let opts = judge_options(&a.judge, run.clone(), None, batch, &engine, quiet, &remote);
     let s = crate::judge::run::judge(&opts)?;
     print_judge_summary(&run, &s);
     let dir = RunDir::read(&run)?;
@@ -768,8 +766,8 @@ fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
     let r = a.run;
     Ok(generation::GenerateOptions {
         model: r.model,
-        device: r.device,
-        dtype: r.dtype,
+        device: r.engine.device,
+        dtype: r.engine.dtype,
         data: r.data,
         selection: r.select.to_selection()?,
         samples: r.samples,
@@ -784,7 +782,7 @@ fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
         },
         batch_size: r.batch_size,
         prefill_chunk: r.prefill_chunk,
-        kv_cache_mb: r.kv_cache_mb,
+        kv_cache_mb: r.engine.kv_cache_mb,
         block_size: r.block_size,
         chat_template: r.chat_template,
         system: r.system,
@@ -802,7 +800,7 @@ fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
 fn sweep(a: SweepArgs) -> Result<()> {
     let g = a.generate;
     let quiet = g.quiet;
-    let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, g.kv_cache_mb, g.device.clone(), g.dtype.clone(), g.quiet, &g.remote);
+    let judge = judge_options(&a.judge, PathBuf::new(), None, g.batch_size, &g.engine, g.quiet, &g.remote);
     // The grid supplies the decoding parameters; a sweep runs on the local engine.
     let g = GenerateArgs { run: g, temperature: None, top_p: None, top_k: None, min_p: None, backend: None };
     let opts = crate::sweep::SweepOptions {
@@ -867,11 +865,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
-        device: a.device,
-        dtype: a.dtype,
+        device: a.engine.device,
+        dtype: a.engine.dtype,
         batch_size: a.batch_size,
         prefill_chunk: a.prefill_chunk,
-        kv_cache_mb: a.kv_cache_mb,
+        kv_cache_mb: a.engine.kv_cache_mb,
         max_queue: a.max_queue,
         max_n: a.max_n,
         max_tokens: a.max_tokens,
