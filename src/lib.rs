@@ -1,29 +1,38 @@
 //! `bsa`: the "Beyond Safe Answers" benchmark (arXiv 2505.19690) on your own hardware.
 //!
-//! The data flows one way: [`dataset`] -> prompts -> generation -> samples.jsonl ->
-//! judge -> verdicts.jsonl -> [`metrics`] -> report. Every stage reads and writes plain
-//! records kept by [`store`], so each can be run, resumed or replaced on its own.
+//! The modules follow the data, which flows one way:
+//!
+//! ```text
+//! data ─► prompt ─► backends (engine | openai) ─► pipeline::generate ─► samples.jsonl
+//!      ─► pipeline::judge ─► verdicts.jsonl ─► analysis (metrics, report) ─► scores, reports
+//! ```
+//!
+//! - [`records`]: the plain types every stage reads and writes (item, sample, verdict).
+//! - [`data`]: the benchmark data (CSV, JSONL, hub) and the authors' scorer CSV.
+//! - [`prompt`]: chat templates, safety rules, splitting thinking from response.
+//! - [`engine`]: the batched inference engine (models, KV cache, scheduler, sampler);
+//!   self-contained, it knows nothing of benchmarks, judges or run directories.
+//! - [`backends`]: where completions come from: the local engine or an OpenAI-compatible
+//!   server, behind one interface.
+//! - [`store`]: the run directory (manifest, append-only JSONL logs, resume, merge).
+//! - [`pipeline`]: the stages that write a run: generate, judge, and the decoding sweep.
+//! - [`analysis`]: what is read out of a run: metrics with intervals, judge agreement, run
+//!   comparisons, reports with plots.
+//! - [`serve`]: the local engine behind an OpenAI-compatible HTTP API.
+//! - [`hub`]: files from the Hugging Face hub cache.
+//!
+//! A module may import the ones listed before it, never one after it (the engine imports
+//! none); ARCHITECTURE.md has the map.
 
-pub mod agree;
-pub mod bench;
-pub mod cli;
-pub mod compare;
-pub mod dataset;
-pub mod engine;
-pub mod generation;
-pub mod gpu_check;
+pub mod records;
 pub mod hub;
-pub mod judge;
-pub mod judged_run;
-pub mod metrics;
-pub mod official;
+pub mod data;
 pub mod prompt;
-pub mod reasoning;
-pub mod serve;
-pub mod report;
-pub mod safety_rules;
+pub mod engine;
+pub mod backends;
 pub mod store;
+pub mod pipeline;
+pub mod analysis;
+pub mod serve;
 #[cfg(test)]
 pub(crate) mod test_rng;
-pub mod sweep;
-pub mod verdict;

@@ -1,4 +1,7 @@
-//! The `bsa` binary: parse the command line, hand it to the library, report errors.
+//! The `bsa` binary: parse the command line and hand it to [`cli`], which calls the library;
+//! report errors.
+
+mod cli;
 
 use clap::Parser;
 
@@ -12,8 +15,8 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let cli = bsa::cli::Cli::parse();
-    if let Err(e) = bsa::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::dataset::{Selection, Shard};
+use crate::data::{Selection, Shard};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const SAMPLES: &str = "samples.jsonl";
@@ -244,7 +244,7 @@ pub fn key_of(v: &Value) -> Option<String> {
     let id = v.get("item_id")?.as_str()?;
     let idx = v.get("sample_index")?.as_u64()?;
     let cfg = v.get("config").and_then(Value::as_str).unwrap_or("default");
-    Some(crate::verdict::record_key(id, idx as u32, cfg))
+    Some(crate::records::record_key(id, idx as u32, cfg))
 }
 
 /// What reading a log found.

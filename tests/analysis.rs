@@ -5,14 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bsa::compare::{compare, CompareOptions};
-use bsa::dataset::{Dataset, Item, Scenario};
-use bsa::generation::{Decoding, SampleRecord};
-use bsa::judged_run::JudgedRun;
-use bsa::metrics::{self, ScoreOptions};
-use bsa::report::document::{self, ReportOptions};
+use bsa::analysis::compare::{compare, CompareOptions};
+use bsa::data::Dataset;
+use bsa::records::{Item, Scenario};
+use bsa::records::{Decoding, SampleRecord};
+use bsa::analysis::judged_run::JudgedRun;
+use bsa::analysis::metrics::{self, ScoreOptions};
+use bsa::analysis::report::document::{self, ReportOptions};
 use bsa::store::{self, DatasetRef, JobSpec, Manifest};
-use bsa::verdict::{SafetyLabel, ThinkingLabel, Verdict};
+use bsa::records::{SafetyLabel, ThinkingLabel, Verdict};
 
 mod common;
 use common::{fails, ok};
@@ -82,7 +83,7 @@ fn write_run(dir: &Path, model: &str, items: &[Item], configs: &[(&str, Decoding
                     thinking: format!("thinking of sample {s}"),
                     response: format!("response of sample {s}"),
                     raw: String::new(),
-                    finish_reason: bsa::engine::local::scheduler::FinishReason::Stop,
+                    finish_reason: bsa::records::FinishReason::Stop,
                     truncated: false,
                     elapsed_s: 0.1,
                 };
@@ -128,7 +129,7 @@ fn agree_counts_agreement_kappa_confusion_and_writes_the_sheet() {
     let b = write_run(&dir.path().join("b"), "judge-b", &items[..23], &one_config(), 5, true, &b_label);
     let ra = JudgedRun::load(&a).unwrap();
     let rb = JudgedRun::load(&b).unwrap();
-    let ag = bsa::agree::agree(&ra, &rb, &bsa::agree::AgreeOptions { resamples: 300, ..Default::default() }).unwrap();
+    let ag = bsa::analysis::agree::agree(&ra, &rb, &bsa::analysis::agree::AgreeOptions { resamples: 300, ..Default::default() }).unwrap();
     assert_eq!(ag.matched, 23 * 5);
     assert_eq!((ag.only_a, ag.only_b), (5, 0));
     let fam = ag.by_family();

@@ -240,7 +240,7 @@ fn merge_combines_shards_and_refuses_overlap() {
     let verdicts = std::fs::read_to_string(src.join("verdicts.jsonl")).unwrap();
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
     let ids: Vec<String> = verdicts.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["item_id"].as_str().unwrap().to_string()).collect();
-    let shard_of = |id: &str| bsa::dataset::fnv1a64(id.as_bytes()) % 2;
+    let shard_of = |id: &str| bsa::data::fnv1a64(id.as_bytes()) % 2;
     let mut runs = Vec::new();
     for i in 0..2u64 {
         let d = dir.path().join(format!("s{i}"));

@@ -7,19 +7,20 @@ use common::smollm2;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bsa::dataset::Dataset;
-use bsa::engine::local::kv_cache::KvCache;
-use bsa::engine::local::load;
-use bsa::engine::local::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
+use bsa::data::Dataset;
+use bsa::engine::kv_cache::KvCache;
+use bsa::backends::local::LocalModel;
+use bsa::engine::load;
+use bsa::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
 use bsa::engine::sampler::{SamplingParams, StreamKey};
-use bsa::generation::{tokenize_prompt, Prompter};
+use bsa::prompt::Prompter;
 use candle_core::{DType, Device};
 
 /// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
-fn sample_prompts(m: &load::LoadedModel, n: usize) -> Vec<Vec<u32>> {
+fn sample_prompts(m: &LocalModel, n: usize) -> Vec<Vec<u32>> {
     let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
-    let prompter = Prompter::new(m, None, None, None).unwrap();
-    ds.items.iter().take(n).map(|it| tokenize_prompt(m, &prompter.render(&it.query).unwrap()).unwrap()).collect()
+    let prompter = Prompter::new(&m.prompt_format(), None, None, None).unwrap();
+    ds.items.iter().take(n).map(|it| m.loaded.tokenize_prompt(&prompter.render(&it.query).unwrap()).unwrap()).collect()
 }
 
 /// Generates with the scheduler; returns the tokens per tag.
@@ -65,18 +66,18 @@ fn groups(prompts: &[Vec<u32>], k: u32, params: SamplingParams, max_new: usize) 
 #[test]
 fn batched_generation_equals_one_at_a_time() {
     let Some(path) = smollm2() else { return };
-    let m = load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let prompts = sample_prompts(&m, 6);
     // Greedy: batch of 16 with continuous batching vs one sequence at a time.
     let greedy = SamplingParams::greedy();
-    let batched = run(&m, groups(&prompts, 1, greedy, 24), 16, 16, 512);
-    let single = run(&m, groups(&prompts, 1, greedy, 24), 1, 16, 512);
+    let batched = run(&m.loaded, groups(&prompts, 1, greedy, 24), 16, 16, 512);
+    let single = run(&m.loaded, groups(&prompts, 1, greedy, 24), 1, 16, 512);
     assert_eq!(batched, single);
     assert!(batched.iter().all(|t| !t.is_empty()));
     // Sampling: same seed, batch 1 vs 16, k = 3 sharing one prefill: identical samples.
     let p = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0 };
-    let a = run(&m, groups(&prompts[..3], 3, p, 20), 16, 16, 512);
-    let b = run(&m, groups(&prompts[..3], 3, p, 20), 1, 16, 512);
+    let a = run(&m.loaded, groups(&prompts[..3], 3, p, 20), 16, 16, 512);
+    let b = run(&m.loaded, groups(&prompts[..3], 3, p, 20), 1, 16, 512);
     assert_eq!(a, b);
     // The three samples of a prompt are different draws, not copies.
     assert!(a[0] != a[1] || a[1] != a[2], "{a:?}");
@@ -85,14 +86,14 @@ fn batched_generation_equals_one_at_a_time() {
 #[test]
 fn a_tiny_cache_sets_sequences_aside_and_still_finishes_identically() {
     let Some(path) = smollm2() else { return };
-    let m = load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let prompts = sample_prompts(&m, 4);
     let longest = prompts.iter().map(Vec::len).max().unwrap();
     let greedy = SamplingParams::greedy();
-    let roomy = run(&m, groups(&prompts, 2, greedy, 16), 8, 4, 1024);
+    let roomy = run(&m.loaded, groups(&prompts, 2, greedy, 16), 8, 4, 1024);
     // Room for about one and a half sequences: admission waits and decode preempts.
     let tight_blocks = (longest + 16).div_ceil(4) * 3 / 2 + 2;
-    let tight = run(&m, groups(&prompts, 2, greedy, 16), 8, 4, tight_blocks);
+    let tight = run(&m.loaded, groups(&prompts, 2, greedy, 16), 8, 4, tight_blocks);
     assert_eq!(roomy, tight);
 }
 

@@ -9,11 +9,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bsa::dataset::{hex_sha256, Selection};
-use bsa::engine::local::{load, lora, tokenizer};
-use bsa::generation::{self, DecodingOverrides, GenerateOptions, Prompter};
+use bsa::backends::local::LocalModel;
+use bsa::data::Selection;
+use bsa::engine::{lora, tokenizer};
+use bsa::pipeline::decoding::{DecodingGrid, DecodingOverrides};
+use bsa::pipeline::generate::{self as generation, GenerateOptions};
+use bsa::prompt::Prompter;
+use bsa::records::{hex_sha256, Decoding};
 use bsa::store::OnExisting;
-use bsa::sweep::DecodingGrid;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
@@ -84,7 +87,7 @@ fn a_sweep_configuration_equals_a_plain_run_and_resumes_per_configuration() {
     assert_eq!(names, ["t0.8_p0.95_k20", "t0.8_p0.95_k0", "t1.0_p0.95_k20", "t1.0_p0.95_k0"]);
     for r in &swept {
         let (_, d) = s.configs.iter().find(|(n, _)| r["config"] == n.as_str()).unwrap();
-        let rd: generation::Decoding = serde_json::from_value(r["decoding"].clone()).unwrap();
+        let rd: Decoding = serde_json::from_value(r["decoding"].clone()).unwrap();
         assert_eq!(&rd, d, "each record carries its configuration's decoding");
     }
     // The configuration with the plain run's parameters has the plain run's samples.
@@ -194,7 +197,7 @@ fn safety_rules_go_before_the_query_are_recorded_and_never_mixed() {
     assert!(o.status.success(), "{}", stderr(&o));
     let m = json(&ruled.join("manifest.json"));
     let rules = &m["job"]["prompt"]["safety_rules"];
-    assert_eq!(rules["sha256"], hex_sha256(bsa::safety_rules::DEFAULT_RULES.trim().as_bytes()));
+    assert_eq!(rules["sha256"], hex_sha256(bsa::prompt::safety_rules::DEFAULT_RULES.trim().as_bytes()));
     assert_eq!(rules["placement"], "system");
     assert_eq!(json(&base.join("manifest.json"))["job"]["prompt"]["safety_rules"], "none");
     // The rules are in the prompt: hundreds of tokens more than the bare query.
@@ -224,8 +227,8 @@ fn safety_rules_go_before_the_query_are_recorded_and_never_mixed() {
     let o = gen(&user_prefix, &["--safety-rules", file.to_str().unwrap(), "--chat-template", tpl.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json(&user_prefix.join("manifest.json"))["job"]["prompt"]["safety_rules"]["placement"], "user-prefix");
-    let m = load::load(model_s, &Device::Cpu, DType::F32).unwrap();
-    let p = Prompter::new(&m, Some(&tpl), Some("RULES".into()), None).unwrap();
+    let m = LocalModel::load(model_s, &Device::Cpu, DType::F32).unwrap();
+    let p = Prompter::new(&m.prompt_format(), Some(&tpl), Some("RULES".into()), None).unwrap();
     assert!(!p.system_role());
     assert!(p.render("How do I X?").unwrap().starts_with("<|im_start|>user\nRULES\n\nHow do I X?<|im_end|>"));
 }

@@ -6,30 +6,31 @@
 
 use std::path::{Path, PathBuf};
 
-use bsa::dataset::Dataset;
-use bsa::engine::local::kv_cache::KvCache;
-use bsa::engine::local::load;
-use bsa::engine::local::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
+use bsa::data::Dataset;
+use bsa::engine::kv_cache::KvCache;
+use bsa::backends::local::{model_cache_dir, LocalModel};
+use bsa::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
 use bsa::engine::sampler::{SamplingParams, StreamKey};
-use bsa::generation::{tokenize_prompt, Prompter};
+use bsa::prompt::Prompter;
 use candle_core::{DType, Device, Tensor};
 
 #[test]
 fn dense_greedy_continuations_match_quantized_llama() {
     let path = std::env::var_os("BSA_SMOLLM2_GGUF")
         .map(PathBuf::from)
-        .unwrap_or_else(|| load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(|| model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     if !path.exists() {
         assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {}", path.display());
         eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", path.display());
         return;
     }
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    let m = load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let local = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let m = &local.loaded;
     let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
-    let prompter = Prompter::new(&m, None, None, None).unwrap();
+    let prompter = Prompter::new(&local.prompt_format(), None, None, None).unwrap();
     let prompts: Vec<Vec<u32>> =
-        ds.items.iter().step_by(8).map(|it| tokenize_prompt(&m, &prompter.render(&it.query).unwrap()).unwrap()).collect();
+        ds.items.iter().step_by(8).map(|it| m.tokenize_prompt(&prompter.render(&it.query).unwrap()).unwrap()).collect();
     let new_tokens = 24;
 
     // Ours: all prompts in one batch.

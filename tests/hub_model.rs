@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use bsa::engine::local::{load, tokenizer};
+use bsa::backends::local::LocalModel;
+use bsa::engine::tokenizer;
 use candle_core::{DType, Device, Tensor};
 
 /// Writes a tiny random Llama with SmolLM2's tokenizer into `dir`.
@@ -78,7 +79,7 @@ fn lay_out_hub_cache(cache: &Path, id: &str, src: &Path) {
         let e = e.unwrap();
         // As in a real cache: the blob is named by its sha256 and the snapshot links to it.
         let bytes = std::fs::read(e.path()).unwrap();
-        let sha = bsa::dataset::hex_sha256(&bytes);
+        let sha = bsa::records::hex_sha256(&bytes);
         std::fs::write(blobs.join(&sha), &bytes).unwrap();
         std::os::unix::fs::symlink(blobs.join(&sha), snap.join(e.file_name())).unwrap();
     }
@@ -92,8 +93,8 @@ fn a_hub_model_loads_offline_and_generates() {
     write_model_dir(&model_dir, &gguf);
 
     // The directory itself loads, in f32 and f16, with the same tokenizer and eos ids.
-    let m32 = load::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
-    let m16 = load::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F16).unwrap();
+    let m32 = LocalModel::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap().loaded;
+    let m16 = LocalModel::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F16).unwrap().loaded;
     assert_eq!(m32.eos_ids, m16.eos_ids);
     assert!(m32.chat_template.as_deref().unwrap().contains("<|im_start|>"));
     assert_eq!(m32.description.files.len(), 2, "config.json and model.safetensors are hashed");
@@ -117,7 +118,7 @@ fn a_hub_model_loads_offline_and_generates() {
     // Hub blobs are named by their hash: the manifest records it without rereading the file.
     let weights = std::fs::read(model_dir.join("model.safetensors")).unwrap();
     let files = manifest["job"]["model"]["files"].as_array().unwrap();
-    assert!(files.iter().any(|f| f["sha256"] == bsa::dataset::hex_sha256(&weights)), "{files:?}");
+    assert!(files.iter().any(|f| f["sha256"] == bsa::records::hex_sha256(&weights)), "{files:?}");
 
     // A repo missing from the cache, offline: a clear error, nothing written.
     let o = Command::new(env!("CARGO_BIN_EXE_bsa"))
@@ -134,6 +135,6 @@ fn a_hub_model_loads_offline_and_generates() {
 
     // A directory without its tokenizer: the error names the missing file.
     std::fs::remove_file(model_dir.join("tokenizer.json")).unwrap();
-    let e = load::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F32).err().unwrap();
+    let e = LocalModel::load(model_dir.to_str().unwrap(), &Device::Cpu, DType::F32).err().unwrap();
     assert!(format!("{e:#}").contains("missing tokenizer.json"), "{e:#}");
 }

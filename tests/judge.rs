@@ -38,7 +38,7 @@ fn eval_generates_judges_and_scores_and_resumes() {
         assert!(v["raw_safety"].is_string() && v["raw_thinking"].is_string(), "{v}");
         assert_eq!(v["prompt_sha256"].as_str().unwrap().len(), 64);
         // SmolLM2 writes no thinking: the rubric's rule labels it, without a judge call.
-        assert_eq!(v["raw_thinking"], bsa::judge::run::EMPTY_THINKING_RULE);
+        assert_eq!(v["raw_thinking"], bsa::pipeline::judge::run::EMPTY_THINKING_RULE);
         assert!(v["thinking"] == "False" || v["thinking"] == "Not Covered", "{v}");
         // A label is one of the two, or null when the reply stayed unreadable.
         assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");

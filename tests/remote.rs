@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bsa::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
+use bsa::backends::openai::{ChatRequest, Client, ClientOptions, Endpoint};
 use bsa::prompt::Message;
 use serde_json::Value;
 

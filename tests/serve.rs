@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use bsa::engine::remote::{ChatRequest, Client, ClientOptions, Endpoint};
+use bsa::backends::openai::{ChatRequest, Client, ClientOptions, Endpoint};
 use bsa::prompt::Message;
 use serde_json::{json, Value};
 
@@ -289,14 +289,15 @@ fn a_clients_concurrent_requests_share_decode_steps() {
 /// others started decoding joins their steps and still decodes exactly as it would alone.
 #[test]
 fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
-    use bsa::engine::local::kv_cache::KvCache;
-    use bsa::engine::local::scheduler::{self, Intake, PromptGroup, SampleSpec, SchedulerConfig};
+    use bsa::engine::kv_cache::KvCache;
+    use bsa::engine::scheduler::{self, Intake, PromptGroup, SampleSpec, SchedulerConfig};
     use bsa::engine::sampler::{SamplingParams, StreamKey};
     use candle_core::{DType, Device};
     let Some(path) = smollm2() else { return };
-    let m = bsa::engine::local::load::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
-    let prompter = bsa::generation::Prompter::new(&m, None, None, None).unwrap();
-    let prompt = |q: &str| bsa::generation::tokenize_prompt(&m, &prompter.render(q).unwrap()).unwrap();
+    let local = bsa::backends::local::LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let m = &local.loaded;
+    let prompter = bsa::prompt::Prompter::new(&local.prompt_format(), None, None, None).unwrap();
+    let prompt = |q: &str| m.tokenize_prompt(&prompter.render(q).unwrap()).unwrap();
     let group = |tag: usize, q: &str| PromptGroup {
         prompt: prompt(q),
         samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10 }],

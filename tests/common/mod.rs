@@ -21,7 +21,7 @@ pub fn fails(o: &Output) -> String {
 pub fn smollm2() -> Option<PathBuf> {
     let p = std::env::var_os("BSA_SMOLLM2_GGUF")
         .map(PathBuf::from)
-        .unwrap_or_else(|| bsa::engine::local::load::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(|| bsa::backends::local::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     if p.exists() {
         return Some(p);
     }

@@ -454,7 +454,7 @@ pub fn try_sample_batch(
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_stats::{chi_square_p_value, chi_square_stat};
+    use crate::analysis::stats::{chi_square_p_value, chi_square_stat};
     use super::*;
 
     /// SplitMix64: deterministic test inputs without a dependency.

@@ -48,8 +48,14 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// FNV-1a 64 of an item id: the same hash picks an item's shard, so it lives with the data.
-pub use crate::dataset::fnv1a64;
+/// FNV-1a 64 (offset basis 0xcbf29ce484222325, prime 0x100000001b3; the `fnv` crate) of
+/// an item id's bytes: the item word of a [`StreamKey`]. A GPU kernel must match it.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
+}
 
 /// Coordinates of one random stream: one sample (completion) of one benchmark item under
 /// one run seed. Each decoding step of that sample draws `uniform(step)`.
@@ -126,7 +132,7 @@ impl StreamKey {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_stats::{chi_square_p_value, chi_square_stat};
+    use crate::analysis::stats::{chi_square_p_value, chi_square_stat};
     use super::*;
 
     #[test]

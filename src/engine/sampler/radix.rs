@@ -294,7 +294,7 @@ pub fn sample_batch(
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_stats::{chi_square_p_value, chi_square_stat};
+    use crate::analysis::stats::{chi_square_p_value, chi_square_stat};
     use super::*;
     use rayon::prelude::*;
 

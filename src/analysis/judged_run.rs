@@ -1,0 +1,196 @@
+//! A judged run as the analysis commands (`bsa agree`, `bsa compare`, `bsa report`) read
+//! it: a run directory (manifest, verdicts, and samples when present) or a bare
+//! verdicts.jsonl file. Nothing here writes to the run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::metrics::{self, ScoreOptions, Scorecard};
+use crate::data::Dataset;
+use crate::records::{Decoding, Item, SampleRecord, Verdict};
+use crate::store::{self, Manifest, RecordLog, RunDir};
+
+/// One run's verdicts and what is known about how its samples were made.
+#[derive(Debug, Clone)]
+pub struct JudgedRun {
+    /// The run directory, or the verdicts file itself when given one.
+    pub path: PathBuf,
+    /// The model id from the manifest, else the folder (or file) name.
+    pub label: String,
+    pub manifest: Option<Manifest>,
+    /// Every verdict, in file order.
+    pub verdicts: Vec<Verdict>,
+    /// The decoding parameters of each configuration, read off samples.jsonl; empty for
+    /// runs that have only verdicts.
+    pub decodings: BTreeMap<String, Decoding>,
+    samples_path: Option<PathBuf>,
+}
+
+/// The two fields of a sample record that the reports need, so that reading them does
+/// not depend on the rest of the record's layout.
+#[derive(Deserialize)]
+struct ConfigDecoding {
+    config: String,
+    decoding: Decoding,
+}
+
+impl JudgedRun {
+    /// Loads a run directory or a verdicts `.jsonl` file.
+    pub fn load(path: &Path) -> Result<JudgedRun> {
+        if path.is_file() {
+            let verdicts = read_verdicts(&RecordLog::new(path.to_path_buf()))?;
+            let label = path.file_stem().map_or("verdicts".into(), |n| n.to_string_lossy().into_owned());
+            // A verdicts file inside a run directory still gets the run's name and samples.
+            let parent = path.parent().filter(|p| p.join(store::MANIFEST).is_file());
+            if let Some(dir) = parent {
+                let mut run = JudgedRun::load(dir)?;
+                run.path = path.to_path_buf();
+                run.verdicts = verdicts;
+                return Ok(run);
+            }
+            return Ok(JudgedRun { path: path.to_path_buf(), label, manifest: None, verdicts, decodings: BTreeMap::new(), samples_path: None });
+        }
+        let dir = RunDir::read(path)?;
+        let log = dir.verdicts();
+        if !log.exists() {
+            bail!("{} has no verdicts.jsonl yet: judge the samples first (bsa judge {})", path.display(), path.display());
+        }
+        let verdicts = read_verdicts(&log)?;
+        let samples = dir.samples();
+        let (decodings, samples_path) = if samples.exists() { (read_decodings(&samples)?, Some(samples.path.clone())) } else { (BTreeMap::new(), None) };
+        Ok(JudgedRun { path: path.to_path_buf(), label: run_label(&dir), manifest: Some(dir.manifest), verdicts, decodings, samples_path })
+    }
+
+    /// Verdicts grouped by decoding configuration.
+    pub fn by_config(&self) -> BTreeMap<String, Vec<Verdict>> {
+        let mut out: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
+        for v in &self.verdicts {
+            out.entry(v.config.clone()).or_default().push(v.clone());
+        }
+        out
+    }
+
+    /// How a configuration of this run is named in tables: `label`, or `label@config`
+    /// when the run holds several configurations or a named one.
+    pub fn config_name(&self, config: &str, configs: usize) -> String {
+        if configs == 1 && config == crate::records::default_config() {
+            self.label.clone()
+        } else {
+            format!("{}@{config}", self.label)
+        }
+    }
+
+    /// The run's samples by record key (empty when the run has no samples.jsonl).
+    pub fn samples(&self) -> Result<HashMap<String, SampleRecord>> {
+        let Some(p) = &self.samples_path else { return Ok(HashMap::new()) };
+        let c = RecordLog::new(p.clone()).read::<SampleRecord>()?;
+        Ok(c.records.into_iter().map(|(_, s)| (s.key(), s)).collect())
+    }
+
+    /// The run's benchmark items (for query and risk summary), from `data` or the data
+    /// file the manifest names. Err says why they are not available; callers go on without.
+    pub fn items(&self, data: Option<&str>) -> Result<HashMap<String, Item>> {
+        let recorded = self.manifest.as_ref().and_then(|m| m.job.dataset.clone());
+        let source = match (data, &recorded) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(r)) => r.source.clone(),
+            (None, None) => bail!("{} names no data file; pass --data", self.path.display()),
+        };
+        let ds = Dataset::load(&source).with_context(|| format!("reading the data of {} ({source})", self.path.display()))?;
+        if let Some(r) = &recorded {
+            if r.sha256 != ds.sha256 {
+                bail!("{source} (sha256 {}) is not the data {} was made from (sha256 {}); pass the original with --data", ds.sha256, self.path.display(), r.sha256);
+            }
+        }
+        Ok(ds.items.into_iter().map(|i| (i.id.clone(), i)).collect())
+    }
+}
+
+/// The label of a run in score output: the model id from the manifest, else the folder name.
+pub fn run_label(run: &RunDir) -> String {
+    run.manifest
+        .job
+        .model
+        .as_ref()
+        .and_then(|m| m.get("id").and_then(|v| v.as_str()).map(str::to_string).or_else(|| m.as_str().map(str::to_string)))
+        .unwrap_or_else(|| run.path.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned()))
+}
+
+/// A run's verdicts grouped by decoding configuration, each group named as `bsa score` and
+/// `bsa export` name it: `label`, or `label@config` when the run holds a sweep (or a single
+/// configuration that is not "default").
+pub fn run_verdicts(run: &RunDir, label: &str) -> Result<Vec<(String, Vec<Verdict>)>> {
+    let log = run.verdicts();
+    if !log.exists() {
+        bail!("{} has no verdicts.jsonl yet: judge the samples first (bsa judge)", run.path.display());
+    }
+    let mut by_config: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
+    for v in read_verdicts(&log)? {
+        by_config.entry(v.config.clone()).or_default().push(v);
+    }
+    let single = by_config.len() == 1;
+    Ok(by_config
+        .into_iter()
+        .map(|(cfg, vs)| (if single && cfg == "default" { label.to_string() } else { format!("{label}@{cfg}") }, vs))
+        .collect())
+}
+
+/// Scores a run, one scorecard per decoding configuration, keyed as [`run_verdicts`] names
+/// the groups (with the run's [`run_label`]).
+pub fn score_run(run: &RunDir, opts: &ScoreOptions) -> Result<BTreeMap<String, Scorecard>> {
+    run_verdicts(run, &run_label(run))?
+        .into_iter()
+        .map(|(key, vs)| {
+            let sc = metrics::score(&vs, opts).with_context(|| format!("scoring {key}"))?;
+            Ok((key, sc))
+        })
+        .collect()
+}
+
+/// Reads a verdicts file, refusing duplicate keys; a torn last line (a judge killed
+/// mid-write) is left out with a warning, since the judge redoes it on resume.
+pub fn read_verdicts(log: &RecordLog) -> Result<Vec<Verdict>> {
+    let contents = log.read::<Verdict>()?;
+    if let Some(t) = contents.torn_tail {
+        eprintln!(
+            "warning: {}:{}: the last line is cut off (a judge run was killed); it is left out here and redone when the judge resumes",
+            log.path.display(),
+            t.line
+        );
+    }
+    let mut seen = HashMap::new();
+    let mut out = Vec::with_capacity(contents.records.len());
+    for (line, v) in contents.records {
+        if let Some(first) = seen.insert(v.key(), line) {
+            bail!("{}:{line}: duplicate verdict {} (first on line {first}); keep one of the two lines", log.path.display(), v.key());
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// The decoding of each configuration; two samples of one configuration that disagree
+/// about it mean the file mixes runs, which is refused.
+fn read_decodings(log: &RecordLog) -> Result<BTreeMap<String, Decoding>> {
+    let c = log.read::<ConfigDecoding>()?;
+    let mut out: BTreeMap<String, (u64, Decoding)> = BTreeMap::new();
+    for (line, r) in c.records {
+        match out.get(&r.config) {
+            Some((first, d)) if *d != r.decoding => bail!(
+                "{}:{line}: configuration {:?} has decoding {:?} here but {:?} on line {first}; one configuration name must mean one decoding",
+                log.path.display(),
+                r.config,
+                r.decoding,
+                d
+            ),
+            Some(_) => {}
+            None => {
+                out.insert(r.config, (line, r.decoding));
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(k, (_, d))| (k, d)).collect())
+}

@@ -1,0 +1,10 @@
+//! What is read out of judged runs: [`metrics`] (Safe@1/k, Think@1/k, F-score with bootstrap
+//! intervals), [`agree`] (two labellings of the same samples), [`compare`] (two runs, paired),
+//! and [`report`] (markdown, HTML and SVG). [`judged_run`] loads a run for all of them.
+
+pub mod agree;
+pub mod compare;
+pub mod judged_run;
+pub mod metrics;
+pub mod report;
+pub mod stats;

@@ -1,0 +1,127 @@
+//! Human-readable output. For now the terminal tables of `bsa score` and `bsa data stats`;
+//! markdown, HTML and plots join here.
+
+pub mod document;
+pub mod plots;
+
+use std::fmt::Write;
+
+use crate::data::DataStats;
+
+use crate::records::Scenario;
+use crate::analysis::metrics::{Interval, Scorecard, AUTHORS_F_ALPHA};
+
+fn pct(x: f64) -> String {
+    if x.is_nan() { "-".into() } else { format!("{x:.2}") }
+}
+
+fn ci(iv: Option<&Interval>) -> String {
+    match iv {
+        Some([lo, hi]) if !lo.is_nan() => format!("[{lo:.2}, {hi:.2}]"),
+        _ => "-".into(),
+    }
+}
+
+/// The scorecard of one model as a table a terminal can show.
+pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
+    let mut s = String::new();
+    let alpha_note = if (sc.f_alpha - AUTHORS_F_ALPHA).abs() < 1e-12 { " (the authors' scorer default)" } else { "" };
+    let _ = writeln!(s, "{name}: {} items, {} judged samples, k = {}", sc.items, sc.samples, sc.k);
+    let _ = writeln!(
+        s,
+        "F-score = Think@1^a * Safe@1^(1-a) with a = {}{alpha_note}; {:.0}% bootstrap intervals ({} resamples, seed {})",
+        sc.f_alpha,
+        sc.bootstrap.confidence * 100.0,
+        sc.bootstrap.resamples,
+        sc.bootstrap.seed
+    );
+    let h = &sc.headline;
+    let _ = writeln!(s, "\n  {:<10} {:>7}  {}", "metric", "value", "interval");
+    let rows = [
+        ("Safe@1", h.safe_at_1, "safe_at_1"),
+        ("Safe@k", h.safe_at_k, "safe_at_k"),
+        ("Think@1", h.think_at_1, "think_at_1"),
+        ("Think@k", h.think_at_k, "think_at_k"),
+        ("F-score", h.f_score, "f_score"),
+        ("RO@1", h.ro_at_1, "ro_at_1"),
+        ("RO@k", h.ro_at_k, "ro_at_k"),
+        ("CS@1", h.cs_at_1, "cs_at_1"),
+        ("CS@k", h.cs_at_k, "cs_at_k"),
+        ("OS@1", h.os_at_1, "os_at_1"),
+        ("OS@k", h.os_at_k, "os_at_k"),
+    ];
+    for (label, v, key) in rows {
+        let _ = writeln!(s, "  {label:<10} {:>7}  {}", pct(v), ci(sc.intervals.get(key)));
+    }
+    let gap = h.safe_at_1 - h.think_at_1;
+    if !gap.is_nan() {
+        let _ = writeln!(s, "  SSA gap (Safe@1 - Think@1): {gap:.2} points");
+    }
+    let group_rows = |s: &mut String, title: &str, groups: &mut dyn Iterator<Item = (&String, &crate::analysis::metrics::GroupScore)>| {
+        let _ = writeln!(s, "\n  {title:<42} {:>5} {:>7} {:>7} {:>7} {:>7}", "items", "Safe@1", "Safe@k", "Think@1", "Think@k");
+        for (name, g) in groups {
+            let r = &g.rates;
+            let _ = writeln!(
+                s,
+                "  {name:<42} {:>5} {:>7} {:>7} {:>7} {:>7}",
+                g.items,
+                pct(r.safe_at_1),
+                pct(r.safe_at_k),
+                pct(r.think_at_1),
+                pct(r.think_at_k)
+            );
+        }
+    };
+    // Scenarios in the benchmark's order, not alphabetical.
+    let mut scen = Scenario::ALL.iter().filter_map(|sn| sc.scenarios.get_key_value(sn.name()));
+    group_rows(&mut s, "scenario", &mut scen);
+    if !sc.categories.is_empty() {
+        let mut cats: Vec<_> = sc.categories.iter().collect();
+        cats.sort_by(|a, b| b.1.items.cmp(&a.1.items).then(a.0.cmp(b.0)));
+        group_rows(&mut s, "primary risk category", &mut cats.into_iter());
+    }
+    let w = &sc.warnings;
+    if !w.is_empty() {
+        let _ = writeln!(s);
+        if w.items_with_fewer_than_k_count > 0 {
+            let _ = writeln!(
+                s,
+                "  warning: {} item(s) have fewer than k = {} valid samples (e.g. {}); their @k means \"all samples correct\"",
+                w.items_with_fewer_than_k_count,
+                sc.k,
+                w.items_with_fewer_than_k.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        if w.invalid_safety + w.invalid_thinking > 0 {
+            let _ = writeln!(
+                s,
+                "  warning: {} safety and {} thinking label(s) were unparsable judge output and are left out",
+                w.invalid_safety, w.invalid_thinking
+            );
+        }
+        if w.items_without_safety + w.items_without_thinking > 0 {
+            let _ = writeln!(
+                s,
+                "  warning: {} item(s) have no valid safety label and {} no valid thinking label",
+                w.items_without_safety, w.items_without_thinking
+            );
+        }
+    }
+    s
+}
+
+pub fn stats_table(source: &str, st: &DataStats) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{source}: {} items", st.items);
+    let _ = writeln!(s, "\n  {:<42} {:>6}", "scenario", "items");
+    for sc in Scenario::ALL {
+        if let Some(n) = st.per_scenario.get(sc.name()) {
+            let _ = writeln!(s, "  {:<42} {n:>6}", sc.name());
+        }
+    }
+    let _ = writeln!(s, "\n  {:<42} {:>6}", "primary category (each risk counted)", "risks");
+    for (c, n) in st.categories_by_count() {
+        let _ = writeln!(s, "  {c:<42} {n:>6}");
+    }
+    s
+}

@@ -1,0 +1,450 @@
+//! The OpenAI-compatible client: chat completions from vLLM, SGLang, the llama.cpp server,
+//! `bsa serve` or a hosted API, for generation (`--backend openai:MODEL@URL`) and for the
+//! judge (`--judge openai:MODEL@URL`).
+//!
+//! Requests run on a few threads at once (`concurrency`); a 429, a 5xx, a timeout, a broken
+//! connection or a 200 whose body is not a chat completion is tried again after an
+//! exponential backoff with jitter (a `Retry-After` from the server wins); any other 4xx is
+//! the caller's mistake and fails at once with the server's message. The API key comes from
+//! an environment variable and lives only in the `Authorization` header: it is in no error,
+//! manifest, record or log line.
+
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::prompt::{split_completion, Message, SplitCompletion, ThinkConvention};
+use crate::records::FinishReason;
+
+/// `openai:MODEL@BASE_URL`, e.g. `openai:Qwen/QwQ-32B@http://gpu-box:8000/v1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub model: String,
+    /// Up to and including the API version, without a trailing slash (`.../v1`).
+    pub base_url: String,
+}
+
+impl Endpoint {
+    /// Parses a backend spec; `flag` names the option in the error.
+    pub fn parse(spec: &str, flag: &str) -> Result<Endpoint> {
+        let usage = "the form is openai:MODEL@BASE_URL, e.g. openai:my-model@http://127.0.0.1:8000/v1";
+        let rest = spec.strip_prefix("openai:").ok_or_else(|| anyhow!("{flag} {spec:?}: {usage}"))?;
+        // A hub id holds no '@' but a URL may (user@host), so the model ends at the first '@'.
+        let (model, url) = rest.split_once('@').ok_or_else(|| anyhow!("{flag} {spec:?}: no '@BASE_URL'; {usage}"))?;
+        if model.is_empty() {
+            bail!("{flag} {spec:?}: the model name is empty; {usage}");
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("{flag} {spec:?}: the base URL {url:?} must start with http:// or https://; {usage}");
+        }
+        Ok(Endpoint { model: model.to_string(), base_url: url.trim_end_matches('/').to_string() })
+    }
+
+    pub fn chat_url(&self) -> String {
+        format!("{}/chat/completions", self.base_url)
+    }
+}
+
+/// How the client talks to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientOptions {
+    /// The environment variable holding the API key; unset means OPENAI_API_KEY if present.
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Retries of one request after a retryable failure.
+    pub retries: u32,
+    /// The whole of one attempt (connect, generate, read).
+    pub timeout: Duration,
+    /// The first backoff; doubled every retry, capped at `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            api_key_env: None,
+            concurrency: 8,
+            retries: 5,
+            timeout: Duration::from_secs(600),
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One chat completion request (the fields `bsa` uses of the OpenAI protocol).
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub n: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off (then not sent: hosted APIs refuse the field).
+    pub top_k: usize,
+    /// 0 = off (then not sent).
+    pub min_p: f32,
+    pub max_tokens: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// Extra top-level fields, e.g. `chat_template_kwargs` for vLLM.
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl ChatRequest {
+    pub fn body(&self, model: &str) -> Value {
+        let mut b = json!({
+            "model": model,
+            "messages": self.messages,
+            "n": self.n.max(1),
+            "temperature": decimal(self.temperature),
+            "top_p": decimal(self.top_p),
+            "max_tokens": self.max_tokens,
+        });
+        let o = b.as_object_mut().expect("an object");
+        if self.top_k > 0 {
+            o.insert("top_k".into(), json!(self.top_k));
+        }
+        if self.min_p > 0.0 {
+            o.insert("min_p".into(), json!(decimal(self.min_p)));
+        }
+        if let Some(s) = self.seed {
+            o.insert("seed".into(), json!(s));
+        }
+        if !self.stop.is_empty() {
+            o.insert("stop".into(), json!(self.stop));
+        }
+        for (k, v) in &self.extra {
+            o.insert(k.clone(), v.clone());
+        }
+        b
+    }
+}
+
+/// The f32 as the decimal a user wrote (0.6, not 0.6000000238418579).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// One choice of a reply, as the server sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    #[serde(default)]
+    pub content: String,
+    /// `reasoning_content` (DeepSeek, vLLM) or `reasoning` (newer vLLM, OpenRouter).
+    #[serde(default)]
+    pub reasoning: Option<String>,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+impl ChatChoice {
+    /// Why the server stopped: "length" is the token limit, anything else ended on its own.
+    pub fn finish(&self) -> FinishReason {
+        if self.finish_reason.as_deref() == Some("length") {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        }
+    }
+
+    /// Thinking and response: the server's reasoning field when it has one, else the think
+    /// tags in the content (an R1-style content with only `</think>` counts its first part
+    /// as thinking).
+    pub fn split(&self, think: &ThinkConvention) -> SplitCompletion {
+        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
+            Some(r) => SplitCompletion {
+                thinking: r.trim().to_string(),
+                response: self.content.trim().to_string(),
+                // Cut off while thinking: the length ran out before any answer.
+                truncated_thinking: self.finish_reason.as_deref() == Some("length") && self.content.trim().is_empty(),
+                had_think_tags: true,
+            },
+            None => split_completion(&self.content, think),
+        }
+    }
+
+    /// The completion as one text: the reasoning put back between think tags when the
+    /// server separated it.
+    pub fn raw(&self, think: &ThinkConvention) -> String {
+        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
+            Some(r) => format!("{}{r}{}{}", think.open, think.close, self.content),
+            None => self.content.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatReply {
+    pub choices: Vec<ChatChoice>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Reads a chat completion body; None when it is not one.
+pub fn parse_reply(body: &str) -> Option<ChatReply> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let choices = v.get("choices")?.as_array()?;
+    let mut out = Vec::with_capacity(choices.len());
+    for c in choices {
+        let msg = c.get("message")?;
+        let text = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_string);
+        out.push(ChatChoice {
+            content: text("content").unwrap_or_default(),
+            reasoning: text("reasoning_content").or_else(|| text("reasoning")),
+            finish_reason: c.get("finish_reason").and_then(Value::as_str).map(str::to_string),
+        });
+    }
+    let usage = |k: &str| v.get("usage").and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0) as usize;
+    Some(ChatReply { choices: out, prompt_tokens: usage("prompt_tokens"), completion_tokens: usage("completion_tokens") })
+}
+
+/// An API key that never prints.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+/// A client for one endpoint.
+#[derive(Debug)]
+pub struct Client {
+    pub endpoint: Endpoint,
+    key: Option<ApiKey>,
+    agent: ureq::Agent,
+    pub opts: ClientOptions,
+}
+
+/// Why one attempt failed, and whether to try again (after how long, if the server said).
+struct Failure {
+    message: String,
+    retry: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint, opts: ClientOptions) -> Result<Client> {
+        let key = match &opts.api_key_env {
+            Some(name) => Some(std::env::var(name).map_err(|_| {
+                anyhow!("--api-key-env {name}: the environment variable {name} is not set; export it with the API key (or drop the flag for a server without a key)")
+            })?),
+            None => std::env::var("OPENAI_API_KEY").ok(),
+        };
+        if opts.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        let agent = ureq::AgentBuilder::new().timeout_connect(opts.timeout.min(Duration::from_secs(30))).timeout(opts.timeout).build();
+        Ok(Client { endpoint, key: key.filter(|k| !k.is_empty()).map(ApiKey), agent, opts })
+    }
+
+    /// The endpoint as recorded in a manifest (no key).
+    pub fn describe(&self) -> Value {
+        json!({"backend": "openai", "model": self.endpoint.model, "base_url": self.endpoint.base_url})
+    }
+
+    /// One chat completion, retried as the module doc says.
+    pub fn chat(&self, req: &ChatRequest) -> Result<ChatReply> {
+        let body = req.body(&self.endpoint.model).to_string();
+        let url = self.endpoint.chat_url();
+        let mut attempt = 0;
+        loop {
+            let failure = match self.attempt(&url, &body) {
+                Ok(reply) => return Ok(reply),
+                Err(f) => f,
+            };
+            if !failure.retry || attempt >= self.opts.retries {
+                let tries = if failure.retry { format!(" (after {} attempts)", attempt + 1) } else { String::new() };
+                bail!("{url}: {}{tries}", failure.message);
+            }
+            let wait = failure.retry_after.unwrap_or_else(|| self.backoff(attempt));
+            std::thread::sleep(wait);
+            attempt += 1;
+        }
+    }
+
+    /// Full jitter over an exponential ceiling: many clients hit by one 429 do not return
+    /// in lockstep.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self.opts.backoff.saturating_mul(1u32 << attempt.min(16)).min(self.opts.max_backoff);
+        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    fn attempt(&self, url: &str, body: &str) -> std::result::Result<ChatReply, Failure> {
+        // A fresh connection per request: servers built on tiny_http (`bsa serve` among them)
+        // pin one pool thread to each open connection, and connections that arrive together
+        // can be queued behind them until they close; kept alive, 8 workers got 4 served at a
+        // time, the others only once the first ones' connections went away. A reconnect costs
+        // far less than a completion.
+        let mut r = self.agent.post(url).set("Content-Type", "application/json").set("Connection", "close");
+        if let Some(k) = &self.key {
+            r = r.set("Authorization", &format!("Bearer {}", k.0));
+        }
+        match r.send_string(body) {
+            Ok(resp) => {
+                let text = resp.into_string().map_err(|e| Failure { message: format!("reading the reply: {e}"), retry: true, retry_after: None })?;
+                parse_reply(&text).ok_or_else(|| Failure {
+                    message: format!("the server answered 200 with a body that is not a chat completion: {}", snippet(&text)),
+                    retry: true,
+                    retry_after: None,
+                })
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let retry_after = resp.header("Retry-After").and_then(|s| s.trim().parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0).map(|s| Duration::from_secs_f64(s.min(self.opts.max_backoff.as_secs_f64().max(1.0))));
+                let text = resp.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| snippet(&text));
+                let retry = matches!(code, 408 | 409 | 429) || code >= 500;
+                let hint = match code {
+                    401 | 403 => " (check the API key: OPENAI_API_KEY or the variable named by --api-key-env)",
+                    404 => " (check the model name and the base URL, which usually ends in /v1)",
+                    _ => "",
+                };
+                Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry, retry_after })
+            }
+            Err(ureq::Error::Transport(t)) => Err(Failure { message: format!("{t}"), retry: true, retry_after: None }),
+        }
+    }
+
+    /// Runs every request, `concurrency` at a time, handing each reply to `on_reply` on the
+    /// calling thread as it arrives (so records are appended as they come). After the first
+    /// failure no new request starts; those in flight finish and are handed over, then the
+    /// failure is returned.
+    pub fn chat_all<T: Send>(
+        &self,
+        requests: Vec<(T, ChatRequest)>,
+        on_reply: &mut dyn FnMut(T, ChatReply) -> Result<()>,
+    ) -> Result<()> {
+        let queue = Mutex::new(requests.into_iter());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let workers = self.opts.concurrency.max(1);
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<(T, Result<ChatReply>)>();
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let (queue, failed) = (&queue, &failed);
+                scope.spawn(move || loop {
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let Some((tag, req)) = queue.lock().unwrap().next() else { break };
+                    let r = self.chat(&req);
+                    if r.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    if tx.send((tag, r)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            let mut first_err = None;
+            let mut caller_failed = false;
+            for (tag, r) in rx {
+                match r {
+                    // Replies that arrive after a failed request are still handed over.
+                    Ok(reply) if !caller_failed => {
+                        if let Err(e) = on_reply(tag, reply) {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            caller_failed = true;
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        })
+    }
+}
+
+/// The start of a body, for error messages.
+fn snippet(text: &str) -> String {
+    let t = text.trim();
+    if t.is_empty() {
+        return "(empty body)".into();
+    }
+    let cut: String = t.chars().take(200).collect();
+    if cut.len() < t.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_spec_parses_and_refuses() {
+        let e = Endpoint::parse("openai:Qwen/QwQ-32B@http://gpu:8000/v1/", "--backend").unwrap();
+        assert_eq!(e.model, "Qwen/QwQ-32B");
+        assert_eq!(e.chat_url(), "http://gpu:8000/v1/chat/completions");
+        for bad in ["local:x", "openai:model", "openai:@http://x/v1", "openai:m@ftp://x"] {
+            let err = Endpoint::parse(bad, "--backend").unwrap_err().to_string();
+            assert!(err.contains("--backend") && err.contains("openai:MODEL@BASE_URL"), "{err}");
+        }
+    }
+
+    #[test]
+    fn replies_in_every_reasoning_dialect_split_alike() {
+        let think = ThinkConvention::default();
+        let bodies = [
+            r#"{"choices":[{"message":{"content":"Answer.","reasoning_content":"Risky."},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"message":{"content":"Answer.","reasoning":"Risky."},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"message":{"content":"<think>Risky.</think>Answer."},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"message":{"content":"Risky.\n</think>\n\nAnswer."},"finish_reason":"stop"}]}"#,
+        ];
+        for b in bodies {
+            let r = parse_reply(b).unwrap();
+            let s = r.choices[0].split(&think);
+            assert_eq!((s.thinking.as_str(), s.response.as_str()), ("Risky.", "Answer."), "{b}");
+        }
+        let plain = parse_reply(r#"{"choices":[{"message":{"content":"Hi","reasoning_content":null}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#).unwrap();
+        assert_eq!(plain.choices[0].split(&think).thinking, "");
+        assert_eq!((plain.prompt_tokens, plain.completion_tokens), (3, 1));
+        assert!(parse_reply("<html>busy</html>").is_none());
+        assert!(parse_reply(r#"{"choices":[{"text":"legacy"}]}"#).is_none());
+    }
+
+    #[test]
+    fn optional_sampling_fields_are_only_sent_when_on() {
+        let mut r = ChatRequest { n: 1, temperature: 0.6, top_p: 0.95, max_tokens: 8, ..Default::default() };
+        let b = r.body("m");
+        assert!(b.get("top_k").is_none() && b.get("min_p").is_none() && b.get("seed").is_none() && b.get("stop").is_none());
+        r.top_k = 20;
+        r.seed = Some(7);
+        r.stop = vec!["END".into()];
+        let b = r.body("m");
+        assert_eq!((b["top_k"].as_u64(), b["seed"].as_u64(), b["stop"][0].as_str()), (Some(20), Some(7), Some("END")));
+    }
+
+    #[test]
+    fn the_key_never_prints() {
+        std::env::set_var("BSA_TEST_KEY_PRINT", "sk-secret-123");
+        let c = Client::new(
+            Endpoint::parse("openai:m@http://127.0.0.1:9/v1", "--judge").unwrap(),
+            ClientOptions { api_key_env: Some("BSA_TEST_KEY_PRINT".into()), ..Default::default() },
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        assert!(!c.describe().to_string().contains("sk-secret"));
+        let missing = ClientOptions { api_key_env: Some("BSA_TEST_KEY_ABSENT".into()), ..Default::default() };
+        let err = Client::new(c.endpoint.clone(), missing).unwrap_err().to_string();
+        assert!(err.contains("BSA_TEST_KEY_ABSENT") && err.contains("not set"), "{err}");
+    }
+}

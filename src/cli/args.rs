@@ -1,0 +1,230 @@
+//! Flag groups that several commands share.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use bsa::analysis::metrics::{ScoreOptions, AUTHORS_F_ALPHA};
+use bsa::data::{read_id_file, Selection, Shard};
+use bsa::records::Scenario;
+
+/// Which items of the data to use.
+#[derive(Debug, Clone, Args, Default)]
+pub struct SelectArgs {
+    /// Keep only these scenarios ("Risk Omission", "Cognitive Shortcut", "Over Sensitivity",
+    /// or RO, CS, OS); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub scenario: Vec<String>,
+    /// Keep items with a risk in these primary categories (any case); repeatable.
+    #[arg(long)]
+    pub category: Vec<String>,
+    /// Keep the first N items (after the filters above, before sharding).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Keep only the ids listed in FILE (one per line, # comments allowed).
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<PathBuf>,
+    /// Take shard I of N (0-based): a stable split by id that covers every item exactly once.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<Shard>,
+}
+
+impl SelectArgs {
+    pub fn to_selection(&self) -> Result<Selection> {
+        let scenarios = self
+            .scenario
+            .iter()
+            .map(|s| {
+                Scenario::parse(s).ok_or_else(|| {
+                    anyhow::anyhow!("--scenario {s:?} is not a scenario; use \"Risk Omission\", \"Cognitive Shortcut\", \"Over Sensitivity\" (or RO, CS, OS)")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ids = self.ids.as_deref().map(read_id_file).transpose()?;
+        Ok(Selection { scenarios, categories: self.category.clone(), limit: self.limit, ids, shard: self.shard })
+    }
+}
+
+/// The flags of a generation other than the decoding parameters: `bsa generate` adds single
+/// values of those, `bsa sweep` lists of them.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A .gguf file, a model directory (config.json, tokenizer*.json, *.safetensors), a
+    /// preset (`bsa models`) or a hub id OWNER/NAME (from the hub cache; HF_HUB_OFFLINE=1 honoured).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The benchmark data: .csv/.jsonl in the BSA format, or hub:OWNER/NAME[/FILE].
+    #[arg(long, default_value = "data/sample.csv")]
+    pub data: String,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Samples per query, and per configuration in a sweep (k of the metrics; the paper uses 5).
+    #[arg(long, default_value_t = 5)]
+    pub samples: u32,
+    /// Seed of the per-sample random streams (seed, item id, sample index).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most new tokens per sample. Default: the preset's, else 4096.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Stop a sample when its text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Use this Jinja chat template instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// A system prompt (put before the user turn when the template has no system role).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub mitigation: MitigationArgs,
+    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
+    #[arg(long)]
+    pub enable_thinking: Option<bool>,
+    /// The run directory (created, or resumed when it holds the same job).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// If --out holds a run, leave it alone and start NAME-2 (NAME-3, ...) beside it.
+    #[arg(long)]
+    pub new_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// For an `openai:` backend or judge.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Where the local engine runs and how much KV cache it gets: the same flags for generate,
+/// judge, eval, sweep and serve.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+/// How `bsa` talks to an OpenAI-compatible server (--backend openai:..., --judge openai:...).
+#[derive(Debug, Clone, Args)]
+pub struct RemoteArgs {
+    /// The environment variable that holds the server's API key (default: OPENAI_API_KEY
+    /// when set). The key is sent in a header and never written anywhere.
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once to the server.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds one request may take before it is retried.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Retries of a request after a 429, a 5xx, a timeout or a broken connection
+    /// (exponential backoff with jitter; the server's Retry-After wins).
+    #[arg(long, default_value_t = 5)]
+    pub http_retries: u32,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> bsa::backends::openai::ClientOptions {
+        bsa::backends::openai::ClientOptions {
+            api_key_env: self.api_key_env.clone(),
+            concurrency: self.concurrency,
+            retries: self.http_retries,
+            timeout: std::time::Duration::from_secs(self.request_timeout.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
+/// The paper's mitigations: safety rules in the prompt, and fine-tuned (LoRA) weights.
+#[derive(Debug, Clone, Args, Default)]
+pub struct MitigationArgs {
+    /// Put safety rules before each query: `default` (data/prompts/safety_rules.txt: the
+    /// risk and the expected response strategy for each of the nine risk categories) or a
+    /// text FILE. A system message, or the start of the user turn when the template has no
+    /// system role; the manifest records the rules' sha256 and the placement.
+    #[arg(long, value_name = "default|FILE")]
+    pub safety_rules: Option<String>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+    /// merged into the weights at load; the base must be safetensors (a directory or hub id).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+}
+
+/// The judge's settings, shared by `bsa judge` and `bsa eval`.
+#[derive(Debug, Clone, Args)]
+pub struct JudgeOpts {
+    /// The judge: local:MODEL (or just MODEL: a .gguf, a directory, a preset, a hub id),
+    /// or openai:MODEL@BASE_URL for an OpenAI-compatible server.
+    #[arg(long, default_value = "local:smollm2-135m")]
+    pub judge: String,
+    /// A folder with your own rubrics (safety.txt, thinking_risk_omission.txt,
+    /// thinking_cognitive_shortcut.txt, thinking_over_sensitivity.txt) using {query},
+    /// {risk_summary}, {answer}, {reasoning_thinking}; literal braces doubled.
+    #[arg(long, value_name = "DIR")]
+    pub judge_prompts: Option<PathBuf>,
+    /// Most tokens of one judge reply.
+    #[arg(long, default_value_t = 384)]
+    pub judge_max_new_tokens: usize,
+    /// How often an unreadable judge reply is asked again before it is recorded as invalid.
+    #[arg(long, default_value_t = 2)]
+    pub judge_retries: u32,
+    /// Local judges: start each reply with the label's JSON key ({"Safe_Ans_Check": "), so
+    /// the judge answers with its label at once (at most 16 tokens). Fast, and readable even
+    /// from small judges, but the judge writes no reasoning before its label.
+    #[arg(long)]
+    pub judge_prefill: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreOpts {
+    /// k of Safe@k / Think@k (the paper samples 5 times per query).
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Exponent a of F = Think@1^a * Safe@1^(1-a). Default: the authors' scorer value;
+    /// their published leaderboard fits 0.610.
+    #[arg(long, default_value_t = AUTHORS_F_ALPHA)]
+    pub f_alpha: f64,
+    /// Bootstrap resamples for the confidence intervals (0 = none).
+    #[arg(long, default_value_t = 2000)]
+    pub resamples: usize,
+    /// Seed of the bootstrap (fixed so that reruns print the same intervals).
+    #[arg(long, default_value_t = ScoreOptions::default().seed)]
+    pub bootstrap_seed: u64,
+    /// Confidence level of the intervals.
+    #[arg(long, default_value_t = 0.95)]
+    pub confidence: f64,
+    /// Refuse items with fewer than k valid samples instead of reporting them.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl ScoreOpts {
+    pub fn options(&self) -> ScoreOptions {
+        ScoreOptions {
+            k: self.k,
+            f_alpha: self.f_alpha,
+            resamples: self.resamples,
+            seed: self.bootstrap_seed,
+            confidence: self.confidence,
+            strict: self.strict,
+        }
+    }
+}

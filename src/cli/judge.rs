@@ -1,0 +1,69 @@
+//! `bsa judge`: label every sample of a run with a judge model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::args::{EngineArgs, JudgeOpts, RemoteArgs};
+use bsa::pipeline::judge::run::{self as judge_run, JudgeOptions, JudgeSummary};
+
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    /// The run directory (its samples.jsonl is judged into verdicts.jsonl).
+    pub run: PathBuf,
+    #[command(flatten)]
+    pub judge: JudgeOpts,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// The data file, if it moved since generation (it must be the same file, by sha256).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub(super) fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, batch_size: usize, engine: &EngineArgs, quiet: bool, remote: &RemoteArgs) -> JudgeOptions {
+    JudgeOptions {
+        judge: j.judge.clone(),
+        rubrics_dir: j.judge_prompts.clone(),
+        data,
+        max_new_tokens: j.judge_max_new_tokens,
+        retries: j.judge_retries,
+        prefill: j.judge_prefill,
+        batch_size,
+        kv_cache_mb: engine.kv_cache_mb,
+        device: engine.device.clone(),
+        dtype: engine.dtype.clone(),
+        run,
+        progress: !quiet,
+        remote: remote.options(),
+    }
+}
+
+pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
+    if s.written == 0 {
+        println!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
+    } else {
+        println!(
+            "{}: judged {} samples ({} already judged) with {} judge calls in {:.1} s; {} label(s) unreadable after retries",
+            run.display(),
+            s.written,
+            s.skipped,
+            s.judge_calls,
+            s.seconds,
+            s.invalid_labels
+        );
+    }
+}
+
+pub(super) fn run(a: JudgeArgs) -> Result<()> {
+    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, &a.engine, a.quiet, &a.remote);
+    let s = judge_run::judge(&opts)?;
+    print_judge_summary(&a.run, &s);
+    Ok(())
+}

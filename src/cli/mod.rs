@@ -1,0 +1,106 @@
+//! The `bsa` command line: one file per command, each with its clap arguments and the glue
+//! that calls the library and prints. Flag groups several commands share are in [`args`].
+//! This module belongs to the binary, not the library.
+
+mod agree;
+mod args;
+mod bench;
+mod compare;
+mod data;
+mod dev;
+mod eval;
+mod export;
+mod generate;
+mod gpu_check;
+mod judge;
+mod merge;
+mod models;
+mod report;
+mod score;
+mod serve;
+mod sweep;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bsa",
+    version,
+    about = "Beyond Safe Answers: is a reasoning model safe for the right reasons?",
+    long_about = "Beyond Safe Answers (arXiv 2505.19690) on your own hardware.\n\n\
+Each benchmark query is sampled k times; a judge labels every sample's response (Safe/Unsafe) \
+and its thinking (did it identify the annotated risks). bsa reports Safe@1, Safe@k, Think@1, \
+Think@k per scenario and per risk category, and the F-score, with bootstrap intervals.\n\n\
+A run lives in one directory (runs/NAME): manifest.json, samples.jsonl, verdicts.jsonl, \
+scores.json. Every stage appends as it goes and resumes where it stopped."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect and validate benchmark data.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Sample completions for benchmark items with the local engine into a run directory.
+    Generate(generate::GenerateArgs),
+    /// Label every sample of a run (response safety, thinking) with a judge model.
+    Judge(judge::JudgeArgs),
+    /// The whole benchmark in one command: generate, judge, score (each stage resumes).
+    Eval(eval::EvalArgs),
+    /// A decoding grid (temperature x top-p x top-k [x min-p]) in one batched engine pass,
+    /// judged and scored per configuration, with intervals.
+    Sweep(sweep::SweepArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
+    /// /health); concurrent requests share one continuous batch.
+    Serve(serve::ServeArgs),
+    /// List the model presets (models/*.toml): hub id, architecture, recommended sampling.
+    Models(models::ModelsArgs),
+    /// Compute every metric from a run's verdicts or from the authors' scorer CSV.
+    Score(score::ScoreArgs),
+    /// Write a run's verdicts in the authors' scorer format.
+    Export(export::ExportArgs),
+    /// Combine the runs of the shards of one job (see --shard) into one run.
+    Merge(merge::MergeArgs),
+    /// Judge agreement on the same samples: Cohen's kappa, confusion, a review sheet.
+    Agree(agree::AgreeArgs),
+    /// Did run B move the metrics, or only the noise? Paired intervals and McNemar tests.
+    Compare(compare::CompareArgs),
+    /// Write report.md, a self-contained report.html and SVG plots for one or more runs.
+    Report(report::ReportArgs),
+    /// Benchmarks (never part of the tests).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Developer checks run by scripts/gpu/check.sh (parity with transformers).
+    #[command(subcommand, hide = true)]
+    Dev(dev::DevCommand),
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(c) => data::run(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Judge(a) => judge::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Sweep(a) => sweep::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Models(a) => models::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Agree(a) => agree::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Bench(c) => bench::run(c),
+        Command::Dev(c) => dev::run(c),
+    }
+}
+
+/// A note for timings printed by a debug build.
+fn debug_note() -> &'static str {
+    if cfg!(debug_assertions) { "  [debug build: use --release for real numbers]" } else { "" }
+}

@@ -1,0 +1,43 @@
+//! `bsa report`: report.md, report.html and SVG plots for one or more runs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::args::ScoreOpts;
+use bsa::analysis::report;
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories (or verdicts.jsonl files); runs with several decoding
+    /// configurations also get sweep heatmaps.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where to write report.md, report.html and plots/ (default: the run directory when
+    /// there is one run).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ScoreOpts,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub(super) fn run(a: ReportArgs) -> Result<()> {
+    use bsa::analysis::judged_run::JudgedRun;
+    let out = match (&a.out, a.runs.as_slice()) {
+        (Some(o), _) => o.clone(),
+        (None, [one]) if one.is_dir() => one.clone(),
+        (None, [one]) => one.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()),
+        (None, _) => bail!("{} runs given: say where the report goes with --out DIR", a.runs.len()),
+    };
+    let runs = a.runs.iter().map(|r| JudgedRun::load(r)).collect::<Result<Vec<_>>>()?;
+    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet };
+    let rep = report::document::build(&runs, &opts)?;
+    let w = report::document::write(&rep, &out)?;
+    print!("{}", report::document::summary_table(&rep));
+    println!("wrote {} and {} ({} plots in {})", w.markdown.display(), w.html.display(), w.plots.len(), out.join("plots").display());
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `bsa serve`: the local engine behind an OpenAI-compatible HTTP API.
+
+use anyhow::Result;
+use clap::Args;
+
+use super::args::EngineArgs;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A .gguf file, a model directory, a preset or a hub id (as for generate).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The name clients send as `model` (default: the preset name or the model's id).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// The address to listen on (0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port (0: any free port, printed on start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request but /health.
+    #[arg(long, value_name = "KEY", env = "BSA_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Most samples queued or decoding at once; requests beyond it get 429 (retry later).
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most samples per request (n).
+    #[arg(long, default_value_t = 16)]
+    pub max_n: u32,
+    /// Most new tokens per sample (max_tokens), also the default when a request has none.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+}
+
+pub(super) fn run(a: ServeArgs) -> Result<()> {
+    bsa::serve::serve(bsa::serve::ServeOptions {
+        model: a.model,
+        served_model_name: a.served_model_name,
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        device: a.engine.device,
+        dtype: a.engine.dtype,
+        batch_size: a.batch_size,
+        prefill_chunk: a.prefill_chunk,
+        kv_cache_mb: a.engine.kv_cache_mb,
+        max_queue: a.max_queue,
+        max_n: a.max_n,
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    })
+}

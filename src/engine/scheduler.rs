@@ -1,0 +1,377 @@
+//! Continuous batching over the paged KV cache.
+//!
+//! One loop, one forward per step: every running sequence contributes its next token,
+//! waiting prompts contribute prefill chunks (up to a token budget), finished sequences
+//! give their blocks back at once so the next prompt enters on the following step. The k
+//! samples of one query share one prefill: the prompt is written once, then the block table
+//! is forked k times. When the cache runs out, the youngest sequence is set aside and later
+//! recomputed, so memory pressure admits fewer, never crashes.
+//!
+//! The scheduler knows nothing about tokenizers: stop strings are the caller's closure.
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, Result};
+
+use super::kv_cache::{BlockTable, KvCache};
+use super::models::{BatchInput, CausalLM, SeqInput};
+use crate::engine::sampler::device::sample_logits;
+use crate::engine::sampler::{SamplingParams, StreamKey};
+
+/// One sample to draw from a prompt.
+#[derive(Debug, Clone)]
+pub struct SampleSpec {
+    /// The caller's handle for this sample (returned in [`Finished`]).
+    pub tag: usize,
+    pub params: SamplingParams,
+    pub stream: StreamKey,
+    pub max_new_tokens: usize,
+}
+
+/// A prompt and the samples to draw from it; they share one prefill.
+#[derive(Debug, Clone)]
+pub struct PromptGroup {
+    pub prompt: Vec<u32>,
+    pub samples: Vec<SampleSpec>,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token (not included in the tokens).
+    Stop,
+    /// A stop string matched (the caller trims it from the text).
+    StopString,
+    /// max_new_tokens reached.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub tag: usize,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub prompt_len: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Most sequences decoding at once.
+    pub max_batch: usize,
+    /// Most prompt tokens prefilled in one step (long prompts are chunked).
+    pub prefill_chunk: usize,
+    /// End-of-sequence token ids.
+    pub eos: Vec<u32>,
+}
+
+/// What one step did, for progress bars and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub running: usize,
+    pub waiting: usize,
+    pub finished: usize,
+}
+
+/// A sequence that is decoding.
+struct Seq {
+    spec: SampleSpec,
+    prompt: std::sync::Arc<Vec<u32>>,
+    table: BlockTable,
+    generated: Vec<u32>,
+}
+
+/// Prompt tokens still to be written to the cache.
+struct Prefill {
+    tokens: Vec<u32>,
+    done: usize,
+    table: BlockTable,
+    kind: PrefillKind,
+}
+
+enum PrefillKind {
+    /// A new prompt: when written, its samples draw their first tokens from its logits.
+    Group { prompt: std::sync::Arc<Vec<u32>>, samples: Vec<SampleSpec> },
+    /// A set-aside sequence being recomputed: prompt + generated[..n-1]; it then decodes on.
+    Resume(Box<Seq>),
+}
+
+/// Runs every group to completion. `stop` is asked after each new token whether the
+/// sample's text now ends with a stop string; `on_done` receives each finished sample
+/// (in completion order); `on_step` sees the statistics of every step.
+pub fn run(
+    model: &dyn CausalLM,
+    cache: &mut KvCache,
+    cfg: &SchedulerConfig,
+    groups: Vec<PromptGroup>,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    on_done: &mut dyn FnMut(Finished) -> Result<()>,
+    on_step: &mut dyn FnMut(StepStats),
+) -> Result<()> {
+    let mut groups = Some(groups);
+    let mut feed = |_idle: bool| Ok(groups.take().map_or(Intake::Closed, Intake::Groups));
+    run_fed(model, cache, cfg, &mut feed, stop, on_done, on_step)
+}
+
+/// What a work source hands the scheduler at the start of a step.
+pub enum Intake {
+    /// New prompts (possibly none) to queue behind the waiting ones.
+    Groups(Vec<PromptGroup>),
+    /// No more work will come: the loop ends once everything queued is finished.
+    Closed,
+}
+
+/// The scheduler loop fed by a source that is asked for new work before every step, so
+/// prompts arriving while others decode join the running batch (a server's requests).
+/// `feed(idle)` is told whether nothing at all is queued or running; an idle source should
+/// block until work arrives (or return empty groups now and then), not spin.
+pub fn run_fed(
+    model: &dyn CausalLM,
+    cache: &mut KvCache,
+    cfg: &SchedulerConfig,
+    feed: &mut dyn FnMut(bool) -> Result<Intake>,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    on_done: &mut dyn FnMut(Finished) -> Result<()>,
+    on_step: &mut dyn FnMut(StepStats),
+) -> Result<()> {
+    if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
+        bail!("the batch size and the prefill chunk must be at least 1");
+    }
+    let bs = cache.block_size();
+    let mut waiting: VecDeque<PromptGroup> = VecDeque::new();
+    let mut resumes: VecDeque<Box<Seq>> = VecDeque::new();
+    let mut prefilling: Vec<Prefill> = Vec::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut open = true;
+
+    loop {
+        let idle = waiting.is_empty() && resumes.is_empty() && prefilling.is_empty() && running.is_empty();
+        if open {
+            match feed(idle)? {
+                Intake::Groups(groups) => enqueue(&mut waiting, groups, cfg)?,
+                Intake::Closed => open = false,
+            }
+        }
+        if waiting.is_empty() && resumes.is_empty() && prefilling.is_empty() && running.is_empty() {
+            if open {
+                continue;
+            }
+            break;
+        }
+        // Admit: set-aside sequences first (they are older), then new prompts, while the
+        // batch has room and the cache has blocks for the whole prompt plus one per sample.
+        let committed = |running: &Vec<Seq>, prefilling: &Vec<Prefill>| {
+            running.len()
+                + prefilling
+                    .iter()
+                    .map(|p| match &p.kind {
+                        PrefillKind::Group { samples, .. } => samples.len(),
+                        PrefillKind::Resume(_) => 1,
+                    })
+                    .sum::<usize>()
+        };
+        let pending_blocks = |prefilling: &Vec<Prefill>| -> usize {
+            prefilling.iter().map(|p| (p.tokens.len() - p.done).div_ceil(bs) + 1).sum()
+        };
+        loop {
+            let free = cache.free_blocks().saturating_sub(pending_blocks(&prefilling));
+            if let Some(seq) = resumes.front() {
+                let n = seq.prompt.len() + seq.generated.len() - 1;
+                if committed(&running, &prefilling) < cfg.max_batch && n.div_ceil(bs) + 1 <= free {
+                    let seq = resumes.pop_front().unwrap();
+                    let mut tokens = seq.prompt.as_ref().clone();
+                    tokens.extend_from_slice(&seq.generated[..seq.generated.len() - 1]);
+                    prefilling.push(Prefill { tokens, done: 0, table: BlockTable::new(), kind: PrefillKind::Resume(seq) });
+                    continue;
+                }
+                break;
+            }
+            let Some(g) = waiting.front() else { break };
+            let need = g.prompt.len().div_ceil(bs) + g.samples.len();
+            if committed(&running, &prefilling) + g.samples.len() > cfg.max_batch || need > free {
+                if running.is_empty() && prefilling.is_empty() && need > cache.free_blocks() {
+                    bail!(
+                        "a prompt of {} tokens with {} samples needs {need} KV-cache blocks of {bs} tokens but the cache has {} in all; give the cache more memory (--kv-cache-mb) or use fewer samples",
+                        g.prompt.len(),
+                        g.samples.len(),
+                        cache.num_blocks()
+                    );
+                }
+                break;
+            }
+            let g = waiting.pop_front().unwrap();
+            let prompt = std::sync::Arc::new(g.prompt);
+            prefilling.push(Prefill {
+                tokens: prompt.as_ref().clone(),
+                done: 0,
+                table: BlockTable::new(),
+                kind: PrefillKind::Group { prompt, samples: g.samples },
+            });
+        }
+
+        // Decode inputs: every running sequence feeds its last sampled token. Reserve a
+        // slot for each; when the cache is full, set the youngest aside for recompute.
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].table.reserve(cache, 1).is_ok() {
+                i += 1;
+                continue;
+            }
+            let mut victim = running.pop().expect("running is not empty");
+            victim.table.release(cache);
+            if running.is_empty() && prefilling.is_empty() {
+                bail!("the KV cache cannot hold even one sequence of {} tokens; give it more memory (--kv-cache-mb)", victim.prompt.len() + victim.generated.len());
+            }
+            resumes.push_front(Box::new(victim));
+        }
+        let mut batch = BatchInput { tokens: Vec::new(), seqs: Vec::new() };
+        for s in &running {
+            batch.tokens.push(*s.generated.last().expect("a running sequence has sampled a token"));
+            batch.seqs.push(SeqInput { start_pos: s.table.len(), len: 1, block_table: s.table.blocks().to_vec(), want_logits: true });
+        }
+        // Prefill chunks within the token budget.
+        let mut budget = cfg.prefill_chunk;
+        let mut chunks: Vec<(usize, usize, bool)> = Vec::new(); // (prefill index, len, completes)
+        for (pi, p) in prefilling.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            let len = (p.tokens.len() - p.done).min(budget);
+            if p.table.reserve(cache, len).is_err() {
+                break;
+            }
+            budget -= len;
+            let completes = p.done + len == p.tokens.len();
+            let want = completes && matches!(p.kind, PrefillKind::Group { .. });
+            batch.tokens.extend_from_slice(&p.tokens[p.done..p.done + len]);
+            batch.seqs.push(SeqInput { start_pos: p.done, len, block_table: p.table.blocks().to_vec(), want_logits: want });
+            chunks.push((pi, len, completes));
+        }
+        if batch.seqs.is_empty() {
+            bail!("the scheduler could not make progress: the KV cache is too small for the next prompt; give it more memory (--kv-cache-mb)");
+        }
+
+        let logits = model.forward(&batch, cache)?;
+
+        // Rows: one per running sequence, then one per completed new prompt.
+        let n_running = running.len();
+        let mut stats = StepStats { decode_tokens: n_running, ..Default::default() };
+        for s in running.iter_mut() {
+            s.table.advance(1);
+        }
+        for &(pi, len, _) in &chunks {
+            prefilling[pi].done += len;
+            prefilling[pi].table.advance(len);
+            stats.prefill_tokens += len;
+        }
+
+        // Assemble the sampler's rows: a completed prompt's row serves all its samples.
+        let mut row_src: Vec<usize> = (0..n_running).collect();
+        let mut params: Vec<SamplingParams> = running.iter().map(|s| s.spec.params).collect();
+        let mut keys: Vec<StreamKey> = running.iter().map(|s| s.spec.stream).collect();
+        let mut steps: Vec<u64> = running.iter().map(|s| s.generated.len() as u64).collect();
+        let mut next_row = n_running;
+        let mut completed: Vec<usize> = Vec::new();
+        for &(pi, _, completes) in &chunks {
+            if !completes {
+                continue;
+            }
+            completed.push(pi);
+            if let PrefillKind::Group { samples, .. } = &prefilling[pi].kind {
+                for sp in samples {
+                    row_src.push(next_row);
+                    params.push(sp.params);
+                    keys.push(sp.stream);
+                    steps.push(0);
+                }
+                next_row += 1;
+            }
+        }
+        // On a GPU the rows are sampled there and only the token ids come back.
+        let sampled = sample_logits(&logits, &row_src, &params, &keys, &steps)?;
+
+        // Completed prefills become sequences (youngest last, so they are set aside first):
+        // a prompt's samples share its table, the last one taking it over.
+        let mut receivers: Vec<Seq> = std::mem::take(&mut running);
+        let mut resumed: Vec<Seq> = Vec::new();
+        let mut done_prefills: Vec<Prefill> = Vec::with_capacity(completed.len());
+        for &pi in completed.iter().rev() {
+            done_prefills.push(prefilling.remove(pi));
+        }
+        done_prefills.reverse();
+        for p in done_prefills {
+            match p.kind {
+                PrefillKind::Group { prompt, samples } => {
+                    let mut parent = Some(p.table);
+                    let n = samples.len();
+                    for (j, spec) in samples.into_iter().enumerate() {
+                        let table = if j + 1 == n { parent.take().unwrap() } else { parent.as_ref().unwrap().fork(cache) };
+                        receivers.push(Seq { spec, prompt: prompt.clone(), table, generated: Vec::new() });
+                    }
+                }
+                PrefillKind::Resume(mut seq) => {
+                    seq.table = p.table;
+                    resumed.push(*seq);
+                }
+            }
+        }
+        // Receivers are in the order the sampler's rows were assembled above.
+        let mut new_running: Vec<Seq> = Vec::with_capacity(receivers.len() + resumed.len());
+        for (mut s, &token) in receivers.into_iter().zip(&sampled) {
+            s.generated.push(token);
+            match finish_reason(&s, cfg, stop) {
+                Some(reason) => {
+                    s.table.release(cache);
+                    stats.finished += 1;
+                    on_done(finished(s, reason))?;
+                }
+                None => new_running.push(s),
+            }
+        }
+        new_running.extend(resumed);
+        running = new_running;
+        stats.running = running.len();
+        stats.waiting = waiting.len() + resumes.len() + prefilling.len();
+        on_step(stats);
+    }
+    Ok(())
+}
+
+/// Queues groups behind the waiting ones. A prompt with more samples than the batch holds
+/// is split: each part has its own prefill (the samples' streams do not change, so neither
+/// do their tokens).
+fn enqueue(waiting: &mut VecDeque<PromptGroup>, groups: Vec<PromptGroup>, cfg: &SchedulerConfig) -> Result<()> {
+    for g in groups {
+        if g.samples.is_empty() {
+            continue;
+        }
+        if g.prompt.is_empty() {
+            bail!("an empty prompt cannot be generated from (sample tag {})", g.samples[0].tag);
+        }
+        for part in g.samples.chunks(cfg.max_batch) {
+            waiting.push_back(PromptGroup { prompt: g.prompt.clone(), samples: part.to_vec() });
+        }
+    }
+    Ok(())
+}
+
+fn finish_reason(s: &Seq, cfg: &SchedulerConfig, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Option<FinishReason> {
+    let last = *s.generated.last()?;
+    if cfg.eos.contains(&last) {
+        Some(FinishReason::Stop)
+    } else if stop(s.spec.tag, &s.generated) {
+        Some(FinishReason::StopString)
+    } else if s.generated.len() >= s.spec.max_new_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+fn finished(mut s: Seq, reason: FinishReason) -> Finished {
+    if reason == FinishReason::Stop {
+        s.generated.pop();
+    }
+    Finished { tag: s.spec.tag, tokens: s.generated, finish: reason, prompt_len: s.prompt.len() }
+}

@@ -1,0 +1,101 @@
+//! The prompt side of a model: its chat template and special tokens, the system text (and
+//! where it goes), and its think-tag convention, turned into the exact prompt text.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::reasoning::ThinkConvention;
+use super::template::{with_system, ChatTemplate, Message, RenderOptions};
+
+/// What is known about prompting one model: its chat template and special tokens (from its
+/// files) and, for a model with a preset, the preset's defaults. Backends fill this in; the
+/// prompter needs nothing else of the model.
+#[derive(Debug, Clone, Default)]
+pub struct PromptFormat {
+    /// The model's name, for error messages.
+    pub model_id: String,
+    /// The Jinja chat template of its tokenizer_config.json or GGUF metadata.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Whether the model's authors support a system turn; `None`: ask the template.
+    pub system_role: Option<bool>,
+    /// Qwen3-style `enable_thinking` default (a flag overrides it).
+    pub enable_thinking: Option<bool>,
+    /// The think tags; `None`: `<think>` / `</think>`.
+    pub think: Option<ThinkConvention>,
+}
+
+/// Renders prompts for one model (see [`PromptFormat`]).
+pub struct Prompter {
+    template: ChatTemplate,
+    template_source: String,
+    system_role: bool,
+    enable_thinking: Option<bool>,
+    system: Option<String>,
+    think: ThinkConvention,
+}
+
+impl Prompter {
+    /// `override_template` is `--chat-template FILE`; `system` is put before every
+    /// conversation (a system message, or the start of the user turn when the template has
+    /// no system role); `enable_thinking` overrides the format's default.
+    ///
+    /// Errors: no template at all (the model has none and no FILE was given), an unreadable
+    /// FILE, a template that does not parse or render.
+    pub fn new(format: &PromptFormat, override_template: Option<&Path>, system: Option<String>, enable_thinking: Option<bool>) -> Result<Prompter> {
+        let source = match override_template {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read --chat-template {}", p.display()))?,
+            None => format.chat_template.clone().ok_or_else(|| {
+                anyhow::anyhow!("the model {} has no chat template; pass one with --chat-template FILE (a Jinja file like the chat_template of tokenizer_config.json)", format.model_id)
+            })?,
+        };
+        let template = ChatTemplate::new(&source, format.bos_token.as_deref().unwrap_or(""), format.eos_token.as_deref().unwrap_or(""))?;
+        let system_role = format.system_role.unwrap_or_else(|| template.supports_system_role());
+        let enable_thinking = enable_thinking.or(format.enable_thinking);
+        let mut think = format.think.clone().unwrap_or_default();
+        let mut p = Prompter { template, template_source: source, system_role, enable_thinking, system, think: think.clone() };
+        // Whether the template pre-fills the think tag is read off a rendered prompt, since
+        // revisions of one model's template differ (the R1 distills changed in 2025).
+        let probe = p.render("hello")?;
+        think.prefilled_open = probe.trim_end().ends_with(think.open.as_str());
+        p.think = think;
+        Ok(p)
+    }
+
+    /// The prompt for one benchmark query (with the system text, if any).
+    pub fn render(&self, query: &str) -> Result<String> {
+        self.render_messages(&[Message::user(query)])
+    }
+
+    /// The prompt for a conversation, ending with the assistant's turn to speak.
+    pub fn render_messages(&self, messages: &[Message]) -> Result<String> {
+        let messages = match &self.system {
+            Some(sys) => with_system(messages, sys, self.system_role).0,
+            None => messages.to_vec(),
+        };
+        let opts = RenderOptions { add_generation_prompt: true, enable_thinking: self.enable_thinking, extra: Default::default() };
+        self.template.render(&messages, &opts)
+    }
+
+    /// Whether the template has a system role (else system text goes into the user turn).
+    pub fn system_role(&self) -> bool {
+        self.system_role
+    }
+
+    /// The `enable_thinking` the template is rendered with (`None`: its own default).
+    pub fn enable_thinking(&self) -> Option<bool> {
+        self.enable_thinking
+    }
+
+    /// The think tags, with `prefilled_open` read off a rendered prompt.
+    pub fn think(&self) -> &ThinkConvention {
+        &self.think
+    }
+
+    /// The sha256 of the template text in use (the manifest records it).
+    pub fn template_sha256(&self) -> String {
+        crate::records::hex_sha256(self.template_source.as_bytes())
+    }
+}
