@@ -7,7 +7,9 @@
 //!      ─► pipeline::judge ─► verdicts.jsonl ─► analysis (metrics, report) ─► scores, reports
 //! ```
 //!
+//! In the order src/lib.rs declares them:
 //! - [`records`]: the plain types every stage reads and writes (item, sample, verdict).
+//! - [`hub`]: files from the Hugging Face hub cache; [`progress`]: progress bars.
 //! - [`data`]: the benchmark data (CSV, JSONL, hub) and the authors' scorer CSV.
 //! - [`prompt`]: chat templates, safety rules, splitting thinking from response.
 //! - [`engine`]: the batched inference engine (models, KV cache, scheduler, sampler);
@@ -15,24 +17,25 @@
 //! - [`backends`]: where completions come from: the local engine or an OpenAI-compatible
 //!   server, behind one interface.
 //! - [`store`]: the run directory (manifest, append-only JSONL logs, resume, merge).
-//! - [`pipeline`]: the stages that write a run: generate, judge, and the decoding sweep.
-//! - [`analysis`]: what is read out of a run: metrics with intervals, judge agreement, run
-//!   comparisons, reports with plots.
+//! - [`analysis`]: what is read out of judged runs: metrics with intervals, judge
+//!   agreement, run comparisons, sweep tables, reports with plots.
+//! - [`pipeline`]: the stages that write a run: generate, judge, and the decoding sweep
+//!   (which scores each configuration with [`analysis`]).
 //! - [`serve`]: the local engine behind an OpenAI-compatible HTTP API.
-//! - [`hub`]: files from the Hugging Face hub cache.
 //!
-//! A module may import the ones listed before it, never one after it (the engine imports
-//! none); ARCHITECTURE.md has the map.
+//! A module may import the ones declared before it, never one after it (the engine imports
+//! none; tests/layout.rs checks both); ARCHITECTURE.md has the map.
 
 pub mod records;
 pub mod hub;
+pub mod progress;
 pub mod data;
 pub mod prompt;
 pub mod engine;
 pub mod backends;
 pub mod store;
-pub mod pipeline;
 pub mod analysis;
+pub mod pipeline;
 pub mod serve;
 #[cfg(test)]
 pub(crate) mod test_rng;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bsa::backends::local::LocalModel;
+use bsa::backends::local::{LocalModel, LocalOptions};
 use bsa::data::Selection;
 use bsa::engine::{lora, tokenizer};
 use bsa::pipeline::decoding::{DecodingGrid, DecodingOverrides};
@@ -44,21 +44,15 @@ fn records(path: &Path) -> Vec<Value> {
 fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOptions {
     GenerateOptions {
         model: model.to_str().unwrap().into(),
-        device: "cpu".into(),
-        dtype: "auto".into(),
+        local: LocalOptions { device: "cpu".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, kv_cache_mb: 256, block_size: 16, adapter: None },
         data: Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv").to_str().unwrap().into(),
         selection: Selection { limit: Some(2), ..Default::default() },
         samples: 2,
         seed: 3,
         decoding: DecodingOverrides { max_new_tokens: Some(6), ..decoding },
-        batch_size: 16,
-        prefill_chunk: 512,
-        kv_cache_mb: 256,
-        block_size: 16,
         chat_template: None,
         system: None,
         safety_rules: None,
-        adapter: None,
         enable_thinking: None,
         out: out.to_path_buf(),
         on_existing: OnExisting::Resume,

@@ -17,8 +17,11 @@ use serde::Serialize;
 
 use crate::records::{Item, Scenario};
 use crate::records::SampleRecord;
-use crate::analysis::judged_run::JudgedRun;
-use crate::analysis::metrics::{quantile, resample_weights, scenario_index, Interval};
+use super::bootstrap::{percentile_interval, resample_weights, Interval};
+use super::judged_run::JudgedRun;
+use super::metrics::scenario_index;
+use super::report::text::TextTable;
+use crate::progress::progress_bar;
 use crate::records::{ThinkingLabel, Verdict};
 
 /// One kind of label two judges can agree on.
@@ -311,28 +314,6 @@ pub fn agreement_and_kappa(c: &[f64], nl: usize) -> (f64, f64) {
     (po, kappa)
 }
 
-pub(crate) fn percentile_interval(values: impl Iterator<Item = f64>, confidence: f64) -> Interval {
-    let mut v: Vec<f64> = values.filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return [f64::NAN, f64::NAN];
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let lo = (1.0 - confidence) / 2.0;
-    [quantile(&v, lo), quantile(&v, 1.0 - lo)]
-}
-
-pub(crate) fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    // indicatif draws nothing when stderr is not a terminal, so logs stay clean.
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!("{{spinner}} {what} {{pos}}/{{len}} [{{elapsed_precise}}]")) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 fn disagreement_sheet(a: &JudgedRun, b: &JudgedRun, pairs: &[(&Verdict, &Verdict)], opts: &AgreeOptions) -> Result<(Vec<Disagreement>, Vec<String>)> {
     let mut notes = Vec::new();
     let mut items: HashMap<String, Item> = HashMap::new();
@@ -424,41 +405,28 @@ impl Agreement {
             self.matched, self.items, self.only_a, self.only_b
         );
         let ci = format!("{:.0}% CI", self.bootstrap.confidence * 100.0);
-        let _ = writeln!(
-            s,
-            "\n  {:<34} {:>6} {:>7} {:<17} {:>6} {:<16} {:>10}",
-            "label family", "pairs", "agree%", ci, "kappa", ci, "unreadable"
-        );
+        let mut t = TextTable::new(["label family", "pairs", "agree%", &ci, "kappa", &ci, "unreadable"], 1);
         for f in &self.families {
-            let _ = writeln!(
-                s,
-                "  {:<34} {:>6} {:>7} {:<17} {:>6} {:<16} {:>10}",
-                f.family,
-                f.pairs,
+            t.row([
+                f.family.clone(),
+                f.pairs.to_string(),
                 num(f.agreement, 2),
                 interval(&f.agreement_interval, 1),
                 num(f.kappa, 3),
                 interval(&f.kappa_interval, 2),
-                format!("{}/{}/{}", f.invalid_a, f.invalid_b, f.invalid_both)
-            );
+                format!("{}/{}/{}", f.invalid_a, f.invalid_b, f.invalid_both),
+            ]);
         }
+        let _ = write!(s, "\n{}", t.render(2));
         let _ = writeln!(s, "  (unreadable: A only / B only / both; such samples are left out of the pairs)");
         let _ = writeln!(s, "\n  confusion matrices (rows: A, columns: B)");
         for f in &self.families {
-            let w = f.labels.iter().map(|l| l.len()).max().unwrap_or(4).max(6);
             let _ = writeln!(s, "\n  {}", f.family);
-            let _ = write!(s, "    {:<w$}", "");
-            for l in &f.labels {
-                let _ = write!(s, " {l:>w$}");
-            }
-            let _ = writeln!(s);
+            let mut t = TextTable::new(std::iter::once("A \\ B").chain(f.labels.iter().map(String::as_str)), 1);
             for (l, row) in f.labels.iter().zip(&f.confusion) {
-                let _ = write!(s, "    {l:<w$}");
-                for c in row {
-                    let _ = write!(s, " {c:>w$}");
-                }
-                let _ = writeln!(s);
+                t.row(std::iter::once(l.clone()).chain(row.iter().map(|c| c.to_string())));
             }
+            let _ = write!(s, "{}", t.render(4));
         }
         let _ = writeln!(s, "\n  {} disagreement(s) (one per sample and label)", self.disagreements);
         for n in &self.notes {

@@ -10,10 +10,13 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::analysis::agree::{percentile_interval, progress_bar};
+use super::bootstrap::{percentile_interval, resample_weights, Interval};
+use super::stats::exact_mcnemar;
+use super::report::text::TextTable;
+use crate::progress::progress_bar;
 use crate::records::Scenario;
-use crate::analysis::judged_run::JudgedRun;
-use crate::analysis::metrics::{flatten, metric_names, resample_weights, tally, Interval, ItemTally, Layout, ScoreOptions};
+use super::judged_run::JudgedRun;
+use super::metrics::{flatten, metric_names, tally, ItemTally, Layout, ScoreOptions};
 use crate::records::{SafetyLabel, Verdict};
 
 #[derive(Debug, Clone)]
@@ -309,29 +312,6 @@ fn mcnemar_tests(va: &[Verdict], vb: &[Verdict], shared: &HashMap<&str, &ItemTal
     (tests, unpaired)
 }
 
-/// Two-sided exact McNemar p-value: the discordant pairs are Binomial(b + c, 1/2) under
-/// "no change"; p = 2 * P(X <= min(b, c)), capped at 1. Summed in log space so that
-/// thousands of discordant pairs do not underflow.
-pub fn exact_mcnemar(b: usize, c: usize) -> f64 {
-    let n = b + c;
-    if n == 0 {
-        return 1.0;
-    }
-    let m = b.min(c);
-    let ln2n = n as f64 * std::f64::consts::LN_2;
-    let mut ln_binom = 0.0f64; // ln C(n, 0)
-    let mut terms = Vec::with_capacity(m + 1);
-    for i in 0..=m {
-        if i > 0 {
-            ln_binom += ((n - i + 1) as f64).ln() - (i as f64).ln();
-        }
-        terms.push(ln_binom - ln2n);
-    }
-    let max = terms.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let ln_tail = max + terms.iter().map(|t| (t - max).exp()).sum::<f64>().ln();
-    (2.0 * ln_tail.exp()).min(1.0)
-}
-
 fn num(x: f64) -> String {
     if x.is_nan() { "-".into() } else { format!("{x:.2}") }
 }
@@ -370,43 +350,35 @@ impl Comparison {
             self.bootstrap.seed
         );
         let mut last_group = String::new();
-        let _ = writeln!(s, "\n  {:<44} {:>5} {:>7} {:>7} {:>7}  {:<18} {:>6}", "group / metric", "items", "A", "B", "B - A", "interval", "p");
+        let mut t = TextTable::new(["group / metric", "items", "A", "B", "B - A", "interval", "p", ""], 1);
         for m in &self.metrics {
             if m.group != last_group {
                 let title = if m.group_kind == "overall" { "overall".to_string() } else { format!("{}: {}", m.group_kind, m.group) };
-                let _ = writeln!(s, "  {title}");
+                t.row([title]);
                 last_group = m.group.clone();
             }
             let iv = if m.interval[0].is_nan() { "-".to_string() } else { format!("[{}, {}]", signed(m.interval[0]), signed(m.interval[1])) };
             let flag = if m.distinguishable {
-                "  *"
+                "*"
             } else if m.few_items && (m.interval[0] > 0.0 || m.interval[1] < 0.0) {
-                "  ~"
+                "~"
             } else {
                 ""
             };
-            let _ = writeln!(
-                s,
-                "    {:<42} {:>5} {:>7} {:>7} {:>7}  {:<18} {:>6}{flag}",
-                m.metric,
-                m.items,
-                num(m.a),
-                num(m.b),
-                signed(m.diff),
-                iv,
-                pval(m.p_value)
-            );
+            t.row([format!("  {}", m.metric), m.items.to_string(), num(m.a), num(m.b), signed(m.diff), iv, pval(m.p_value), flag.to_string()]);
         }
+        let _ = write!(s, "\n{}", t.render(2));
         let _ = writeln!(s, "  * the interval excludes 0: a difference beyond resampling noise");
         if self.metrics.iter().any(|m| m.few_items) {
             let _ = writeln!(s, "  ~ the interval excludes 0, but the group has fewer than {MIN_ITEMS} items: too few to tell");
         }
         let _ = writeln!(s, "\n  per-sample paired labels, exact McNemar test (A only: A had the label and B lost it)");
-        let _ = writeln!(s, "  {:<44} {:<20} {:>6} {:>7} {:>7} {:>7}", "group", "label", "pairs", "A only", "B only", "p");
-        for t in &self.tests {
-            let flag = if t.p_value < 1.0 - self.bootstrap.confidence { "  *" } else { "" };
-            let _ = writeln!(s, "  {:<44} {:<20} {:>6} {:>7} {:>7} {:>7}{flag}", t.group, t.label, t.pairs, t.a_only, t.b_only, pval(t.p_value));
+        let mut t = TextTable::new(["group", "label", "pairs", "A only", "B only", "p", ""], 2);
+        for m in &self.tests {
+            let flag = if m.p_value < 1.0 - self.bootstrap.confidence { "*" } else { "" };
+            t.row([m.group.clone(), m.label.clone(), m.pairs.to_string(), m.a_only.to_string(), m.b_only.to_string(), pval(m.p_value), flag.to_string()]);
         }
+        let _ = write!(s, "{}", t.render(2));
         let _ = writeln!(s, "  * p below {:.2}", 1.0 - self.bootstrap.confidence);
         for n in &self.notes {
             let _ = writeln!(s, "  note: {n}");
@@ -418,21 +390,6 @@ impl Comparison {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exact_mcnemar_matches_binomial_tails() {
-        // b = 0, c = 5: 2 * 0.5^5 = 0.0625.
-        assert!((exact_mcnemar(0, 5) - 0.0625).abs() < 1e-12);
-        // b = 1, c = 9: 2 * (1 + 10) / 1024.
-        assert!((exact_mcnemar(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
-        assert_eq!(exact_mcnemar(3, 3), 1.0);
-        assert_eq!(exact_mcnemar(0, 0), 1.0);
-        // Symmetric, and no underflow for thousands of discordant pairs.
-        assert_eq!(exact_mcnemar(4, 7), exact_mcnemar(7, 4));
-        let p = exact_mcnemar(2400, 2600);
-        assert!(p > 0.0 && p < 0.01, "{p}");
-        assert!(exact_mcnemar(2500, 2500) > 0.98);
-    }
 
     #[test]
     fn metric_names_split_into_groups() {

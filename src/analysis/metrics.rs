@@ -9,13 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{bail, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::records::Scenario;
-use crate::records::Verdict;
+pub use super::bootstrap::Interval;
+use super::bootstrap::{percentile_interval, resample_weights};
+use crate::records::{Scenario, Verdict};
 
 /// The authors' scorer default. Their published leaderboard fits 0.610 instead, so it is
 /// a setting and every report states the value used.
@@ -159,8 +158,6 @@ pub struct Headline {
     pub os_at_1: f64,
     pub os_at_k: f64,
 }
-
-pub type Interval = [f64; 2];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupScore {
@@ -434,41 +431,7 @@ fn bootstrap(layout: &Layout, opts: &ScoreOptions) -> Vec<Interval> {
         .into_par_iter()
         .map(|r| flatten(&layout.evaluate(&resample_weights(&layout.strata, n_items, opts.seed, r)), opts.f_alpha))
         .collect();
-    let lo_q = (1.0 - opts.confidence) / 2.0;
-    (0..n_metrics)
-        .into_par_iter()
-        .map(|m| {
-            let mut col: Vec<f64> = draws.iter().map(|d| d[m]).filter(|x| !x.is_nan()).collect();
-            if col.is_empty() {
-                return [f64::NAN, f64::NAN];
-            }
-            col.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            [quantile(&col, lo_q), quantile(&col, 1.0 - lo_q)]
-        })
-        .collect()
-}
-
-/// Resample `r` of a stratified bootstrap: how many times each item is drawn, each stratum
-/// drawn to its own size. Resample r uses its own ChaCha stream (seed, r), so results do not
-/// depend on the thread count, and two analyses with one seed draw the same items.
-pub(crate) fn resample_weights(strata: &[Vec<usize>], n_items: usize, seed: u64, r: usize) -> Vec<u32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(r as u64);
-    let mut w = vec![0u32; n_items];
-    for stratum in strata {
-        for _ in 0..stratum.len() {
-            w[stratum[rng.random_range(0..stratum.len())]] += 1;
-        }
-    }
-    w
-}
-
-/// Linear interpolation between order statistics (numpy's default).
-pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+    (0..n_metrics).into_par_iter().map(|m| percentile_interval(draws.iter().map(|d| d[m]), opts.confidence)).collect()
 }
 
 #[cfg(test)]
@@ -609,10 +572,4 @@ mod tests {
         assert_ne!(a.intervals["safe_at_1"], c.intervals["safe_at_1"]);
     }
 
-    #[test]
-    fn quantile_interpolates() {
-        assert_eq!(quantile(&[0.0, 10.0], 0.5), 5.0);
-        assert_eq!(quantile(&[1.0, 2.0, 3.0], 0.0), 1.0);
-        assert_eq!(quantile(&[1.0, 2.0, 3.0], 1.0), 3.0);
-    }
 }

@@ -3,8 +3,10 @@
 //! and [`report`] (markdown, HTML and SVG). [`judged_run`] loads a run for all of them.
 
 pub mod agree;
+pub mod bootstrap;
 pub mod compare;
 pub mod judged_run;
 pub mod metrics;
 pub mod report;
 pub mod stats;
+pub mod sweep;

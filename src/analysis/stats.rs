@@ -1,77 +1,16 @@
 //! Statistical tests: chi-square goodness of fit (the sampler's tests and the GPU check run
-//! it on sampled tokens).
+//! it on sampled tokens) and the exact McNemar test (`bsa compare`). The distributions are
+//! statrs'; the pooling of sparse cells and the two-sided tail are ours.
 
-/// `ln Γ(x)` for `x > 0`: recurrence up to `x >= 16`, then the Stirling series, which
-/// there is accurate to about 1e-15.
-pub fn ln_gamma(x: f64) -> f64 {
-    assert!(x > 0.0);
-    let mut x = x;
-    let mut shift = 0.0;
-    while x < 16.0 {
-        shift += x.ln();
-        x += 1.0;
-    }
-    let inv = 1.0 / x;
-    let inv2 = inv * inv;
-    let series =
-        inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 * (1.0 / 1260.0 - inv2 / 1680.0)));
-    (x - 0.5) * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI).ln() + series - shift
-}
+use statrs::distribution::{Binomial, ChiSquared, ContinuousCDF, DiscreteCDF};
 
-/// Regularized upper incomplete gamma `Q(a, x) = Γ(a, x) / Γ(a)`.
-pub fn gamma_q(a: f64, x: f64) -> f64 {
-    assert!(a > 0.0 && x >= 0.0);
-    if x == 0.0 {
-        return 1.0;
-    }
-    let log_prefactor = -x + a * x.ln() - ln_gamma(a);
-    if x < a + 1.0 {
-        // P(a, x) = e^-x x^a Σ_n x^n / (a (a+1) ... (a+n)); converges fast here.
-        let mut term = 1.0 / a;
-        let mut sum = term;
-        let mut n = 1.0;
-        while term > sum * 1e-17 && n < 10_000.0 {
-            term *= x / (a + n);
-            sum += term;
-            n += 1.0;
-        }
-        (1.0 - sum * log_prefactor.exp()).max(0.0)
-    } else {
-        // Q(a, x) = e^-x x^a / Γ(a) · 1/(x+1-a- 1(1-a)/(x+3-a- 2(2-a)/(x+5-a- ...))),
-        // evaluated with the modified Lentz method.
-        let tiny = 1e-300;
-        let mut b = x + 1.0 - a;
-        let mut c = 1.0 / tiny;
-        let mut d = 1.0 / b;
-        let mut h = d;
-        for i in 1..10_000 {
-            let an = -(i as f64) * (i as f64 - a);
-            b += 2.0;
-            d = an * d + b;
-            if d.abs() < tiny {
-                d = tiny;
-            }
-            c = b + an / c;
-            if c.abs() < tiny {
-                c = tiny;
-            }
-            d = 1.0 / d;
-            let delta = d * c;
-            h *= delta;
-            if (delta - 1.0).abs() < 1e-16 {
-                break;
-            }
-        }
-        h * log_prefactor.exp()
-    }
-}
-
-/// Upper-tail p-value of a chi-square statistic with `df` degrees of freedom.
+/// Upper-tail p-value of a chi-square statistic with `df` degrees of freedom (statrs'
+/// regularized incomplete gamma); an infinite statistic has p = 0.
 pub fn chi_square_p_value(stat: f64, df: usize) -> f64 {
     if stat.is_infinite() {
         return 0.0;
     }
-    gamma_q(df as f64 / 2.0, stat / 2.0)
+    ChiSquared::new(df as f64).map_or(f64::NAN, |d| d.sf(stat))
 }
 
 /// Pearson chi-square of `observed` counts against cell probabilities `probs`.
@@ -108,6 +47,17 @@ pub fn chi_square_stat(observed: &[u64], probs: &[f64]) -> (f64, usize) {
     (stat, cells.len().max(2) - 1)
 }
 
+/// Two-sided exact McNemar p-value for `b` and `c` discordant pairs: under "no change" the
+/// discordant pairs are Binomial(b + c, 1/2), and p = 2 P(X <= min(b, c)), capped at 1.
+pub fn exact_mcnemar(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let tail = Binomial::new(0.5, n as u64).map_or(f64::NAN, |d| d.cdf(b.min(c) as u64));
+    (2.0 * tail).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +81,20 @@ mod tests {
                 "x {x}: p = {p}"
             );
         }
-        assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-13);
-        assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-13);
+    }
+
+    #[test]
+    fn exact_mcnemar_matches_binomial_tails() {
+        // b = 0, c = 5: 2 * 0.5^5 = 0.0625.
+        assert!((exact_mcnemar(0, 5) - 0.0625).abs() < 1e-12);
+        // b = 1, c = 9: 2 * (1 + 10) / 1024.
+        assert!((exact_mcnemar(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(exact_mcnemar(3, 3), 1.0);
+        assert_eq!(exact_mcnemar(0, 0), 1.0);
+        // Symmetric, and no underflow for thousands of discordant pairs.
+        assert_eq!(exact_mcnemar(4, 7), exact_mcnemar(7, 4));
+        let p = exact_mcnemar(2400, 2600);
+        assert!(p > 0.0 && p < 0.01, "{p}");
+        assert!(exact_mcnemar(2500, 2500) > 0.98);
     }
 }

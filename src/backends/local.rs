@@ -1,16 +1,21 @@
 //! The local backend: `--model` resolved (a file, a model directory, a preset, a hub id),
 //! loaded into the [`crate::engine`], and prompted through its own chat template.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use serde_json::{json, Value};
 
 use super::preset::{self, Preset};
-use crate::engine::load::{load_dir, load_gguf, LoadedModel};
+use super::{sampling_params, Backend, Completion, Progress, PromptSettings, Request};
+use crate::engine::kv_cache::KvCache;
+use crate::engine::load::{self, load_dir, load_gguf, LoadedModel};
 use crate::engine::lora::LoraAdapter;
+use crate::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
 use crate::hub;
-use crate::prompt::PromptFormat;
+use crate::prompt::{Placement, PromptFormat, Prompter, SafetyRules, ThinkConvention};
 use crate::records::FinishReason;
 
 /// Where the weights come from.
@@ -130,6 +135,15 @@ impl LocalModel {
 }
 
 impl LocalModel {
+    /// A paged KV cache of about `mb` MiB in blocks of `block_size` tokens, on `device`: f32
+    /// on the CPU (where attention reads the pool in place), `dtype` (the weights') on a GPU.
+    pub fn kv_cache(&self, block_size: usize, mb: usize, device: &Device, dtype: DType) -> Result<KvCache> {
+        let config = &self.loaded.config;
+        let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let blocks = KvCache::blocks_for_bytes(config, block_size, mb << 20, kv_dtype);
+        Ok(KvCache::new(config, block_size, blocks, kv_dtype, device)?)
+    }
+
     /// How to prompt this model: its template and special tokens, and its preset's defaults.
     pub fn prompt_format(&self) -> PromptFormat {
         let m = &self.loaded;
@@ -153,5 +167,175 @@ impl From<crate::engine::scheduler::FinishReason> for FinishReason {
             Engine::StopString => FinishReason::StopString,
             Engine::Length => FinishReason::Length,
         }
+    }
+}
+
+/// Stop strings (`--stop`, a request's `stop`) on decoded text. The scheduler asks after every
+/// token whether a sequence should stop; the finished text is then cut before the earliest
+/// match.
+pub struct StopStrings<'a>(pub &'a [String]);
+
+impl StopStrings<'_> {
+    /// Whether the text of `tokens` contains any of the strings.
+    pub fn hit(&self, tokenizer: &tokenizers::Tokenizer, tokens: &[u32]) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let text = tokenizer.decode(tokens, false).unwrap_or_default();
+        self.0.iter().any(|s| text.contains(s.as_str()))
+    }
+
+    /// Cuts `text` before the earliest match, if any.
+    pub fn cut(&self, text: &mut String) {
+        if let Some(cut) = self.0.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+    }
+}
+
+/// How the local engine runs: device, dtype, batching and KV-cache memory.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// `auto`, `cpu`, `cuda`, `cuda:N`, `metal` (see [`load::device`]).
+    pub device: String,
+    /// `auto`, `f32`, `bf16`, `f16` (see [`load::dtype`]).
+    pub dtype: String,
+    /// Most sequences decoding at once.
+    pub batch_size: usize,
+    /// Most prompt tokens prefilled per step.
+    pub prefill_chunk: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// KV-cache memory in MiB.
+    pub kv_cache_mb: usize,
+    /// A PEFT LoRA adapter merged into the weights at load (`--adapter DIR`).
+    pub adapter: Option<PathBuf>,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions { device: "auto".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, block_size: 16, kv_cache_mb: 1024, adapter: None }
+    }
+}
+
+/// Completions from a model loaded into the local engine: every request is one prompt group
+/// (its samples share one prefill), all of them in one continuous batch.
+pub struct LocalBackend {
+    model: LocalModel,
+    prompter: Prompter,
+    cache: KvCache,
+    sched: SchedulerConfig,
+}
+
+impl LocalBackend {
+    /// Loads `model` (see [`resolve`]) and builds its prompter and KV cache.
+    pub fn open(model: &str, prompt: &PromptSettings, opts: &LocalOptions) -> Result<LocalBackend> {
+        let device = load::device(&opts.device)?;
+        let dtype = load::dtype(&opts.dtype, &device)?;
+        let model = LocalModel::load_with_adapter(model, opts.adapter.as_deref(), &device, dtype)?;
+        let prompter = Prompter::new(&model.prompt_format(), prompt.chat_template.as_deref(), prompt.system.clone(), prompt.enable_thinking)?;
+        let cache = model.kv_cache(opts.block_size.max(1), opts.kv_cache_mb, &device, dtype)?;
+        let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: model.loaded.eos_ids.clone() };
+        Ok(LocalBackend { model, prompter, cache, sched })
+    }
+
+    /// The loaded model (its config, tokenizer, description).
+    pub fn model(&self) -> &LocalModel {
+        &self.model
+    }
+}
+
+impl Backend for LocalBackend {
+    fn model_id(&self) -> &str {
+        &self.model.loaded.description.id
+    }
+
+    fn device(&self) -> String {
+        self.model.loaded.description.device.clone()
+    }
+
+    fn location(&self) -> String {
+        format!("the local engine ({})", self.model.loaded.description.device)
+    }
+
+    fn preset(&self) -> Option<&Preset> {
+        self.model.preset.as_ref()
+    }
+
+    fn think(&self) -> ThinkConvention {
+        self.prompter.think().clone()
+    }
+
+    fn manifest_model(&self) -> Value {
+        let d = &self.model.loaded.description;
+        json!({
+            "id": d.id,
+            "architecture": d.architecture,
+            "files": d.files.iter().map(|f| json!({"name": PathBuf::from(&f.path).file_name().map(|n| n.to_string_lossy().into_owned()), "sha256": f.sha256})).collect::<Vec<_>>(),
+            // "none", not null: a run without an adapter must not resume with one.
+            "adapter": d.adapter.as_ref().map_or(json!("none"), |a| serde_json::to_value(a).expect("adapter serialises")),
+        })
+    }
+
+    fn manifest_prompt(&self, system_flag: Option<&str>, rules: Option<&SafetyRules>) -> Value {
+        let p = &self.prompter;
+        let placement = Placement::for_template(p.system_role());
+        json!({
+            "chat_template_sha256": p.template_sha256(),
+            "system": system_flag,
+            "system_placement": if p.system().is_some() { Some(if p.system_role() { "system message" } else { "prepended to the user turn" }) } else { None },
+            "safety_rules": SafetyRules::manifest_entry(rules, placement),
+            "enable_thinking": p.enable_thinking(),
+            "think_tags": [p.think().open, p.think().close],
+        })
+    }
+
+    fn manifest_judge(&self) -> Value {
+        let d = &self.model.loaded.description;
+        json!({"model": d.id, "files": d.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>()})
+    }
+
+    fn complete(&mut self, requests: Vec<Request>, on_completion: &mut dyn FnMut(Completion) -> Result<()>, on_progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        let m = &self.model.loaded;
+        let context = m.config.max_position_embeddings;
+        // Per tag: its stop strings and the reply start its text begins with.
+        let mut samples: HashMap<usize, (Vec<String>, Option<String>)> = HashMap::new();
+        let mut groups = Vec::with_capacity(requests.len());
+        for r in requests {
+            let mut text = self.prompter.render_messages(&r.messages)?;
+            if let Some(start) = &r.reply_start {
+                text.push_str(start);
+            }
+            let prompt = m.tokenize_prompt(&text)?;
+            let longest = r.samples.iter().map(|s| s.decoding.max_new_tokens).max().unwrap_or(0);
+            if prompt.len() + longest > context {
+                eprintln!("warning: {}: prompt ({} tokens) + --max-new-tokens {longest} exceeds the model's context of {context}", r.label, prompt.len());
+            }
+            let specs = r
+                .samples
+                .into_iter()
+                .map(|s| {
+                    let spec = SampleSpec { tag: s.tag, params: sampling_params(&s.decoding), stream: s.stream, max_new_tokens: s.decoding.max_new_tokens };
+                    samples.insert(s.tag, (s.decoding.stop, r.reply_start.clone()));
+                    spec
+                })
+                .collect();
+            groups.push(PromptGroup { prompt, samples: specs });
+        }
+        let tokenizer = &m.tokenizer;
+        let mut stop = |tag: usize, tokens: &[u32]| samples.get(&tag).is_some_and(|(stops, _)| StopStrings(stops).hit(tokenizer, tokens));
+        let mut on_done = |f: scheduler::Finished| -> Result<()> {
+            let (stops, start) = samples.get(&f.tag).expect("every tag was submitted");
+            let mut text = tokenizer.decode(&f.tokens, false).map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
+            if f.finish == scheduler::FinishReason::StopString {
+                StopStrings(stops).cut(&mut text);
+            }
+            if let Some(start) = start {
+                text.insert_str(0, start);
+            }
+            on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len() })
+        };
+        let mut on_step = |s: scheduler::StepStats| on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running });
+        scheduler::run(m.model.as_ref(), &mut self.cache, &self.sched, groups, &mut stop, &mut on_done, &mut on_step)
     }
 }

@@ -1,7 +1,185 @@
 //! Where completions come from: the local [`crate::engine`] ([`local`]) or any
-//! OpenAI-compatible server ([`openai`]). Model presets ([`preset`]) give both a known
-//! model's recommended sampling and think tags.
+//! OpenAI-compatible server ([`openai`]), behind one [`Backend`] interface. The stages
+//! (generate, judge) build [`Request`]s and read [`Completion`]s; they never see a tokenizer,
+//! a KV cache or an HTTP client. Model presets ([`preset`]) give both a known model's
+//! recommended sampling and think tags.
+//!
+//! A new back end (another server protocol, an in-process library) is one file implementing
+//! [`Backend`] and one arm in [`open`].
 
 pub mod local;
 pub mod openai;
 pub mod preset;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::engine::sampler::{SamplingParams, StreamKey};
+use crate::prompt::{split_completion, Message, SafetyRules, SplitCompletion, ThinkConvention};
+use crate::records::{Decoding, FinishReason};
+use preset::Preset;
+
+/// What the user asked of the prompt side, whatever the backend.
+#[derive(Debug, Clone, Default)]
+pub struct PromptSettings {
+    /// Text put before every conversation: the safety rules and `--system`, joined (see
+    /// [`SafetyRules::system_text`]). A local model places it by its template (system
+    /// message, or the start of the user turn); a server gets a system message.
+    pub system: Option<String>,
+    /// `--chat-template FILE`: a local model's template replaced (refused by servers, which
+    /// apply their own).
+    pub chat_template: Option<PathBuf>,
+    /// Qwen3-style `enable_thinking`: a local template variable, or the server's
+    /// `chat_template_kwargs` (None: the model's default, nothing sent).
+    pub enable_thinking: Option<bool>,
+}
+
+/// One conversation and the samples to draw from it (locally they share one prefill).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// What the request is for, in warnings and errors ("item a1").
+    pub label: String,
+    /// The conversation so far, without the system text (see [`PromptSettings::system`]).
+    pub messages: Vec<Message>,
+    /// Text the reply starts with; the model continues it (local backends only).
+    pub reply_start: Option<String>,
+    pub samples: Vec<SampleRequest>,
+}
+
+/// One sample of a [`Request`].
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    /// The caller's handle, given back with the completion; unique within one call.
+    pub tag: usize,
+    /// Sampling, `max_new_tokens` and stop strings of this sample.
+    pub decoding: Decoding,
+    /// The local sampler's random stream (see [`StreamKey`]): (seed, item, sample index).
+    pub stream: StreamKey,
+    /// The `seed` a server is sent with this sample (None: the field is left out).
+    pub seed: Option<u64>,
+}
+
+/// What one sample came back as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub tag: usize,
+    /// What the model wrote: locally the decoded text (starting with the request's reply
+    /// start, cut before a matched stop string); from a server its `content`.
+    pub text: String,
+    /// The thinking, when a server returned it apart from the content (`reasoning_content`).
+    pub reasoning: Option<String>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+impl Completion {
+    /// Thinking and response: the server's reasoning field when it has one, else the think
+    /// tags in the text (an R1-style text with only `</think>` counts its first part as
+    /// thinking).
+    pub fn split(&self, think: &ThinkConvention) -> SplitCompletion {
+        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
+            Some(r) => SplitCompletion {
+                thinking: r.trim().to_string(),
+                response: self.text.trim().to_string(),
+                // Cut off while thinking: the length ran out before any answer.
+                truncated_thinking: self.finish == FinishReason::Length && self.text.trim().is_empty(),
+                had_think_tags: true,
+            },
+            None => split_completion(&self.text, think),
+        }
+    }
+
+    /// The completion as one text: the reasoning put back between think tags when a server
+    /// returned it apart.
+    pub fn raw(&self, think: &ThinkConvention) -> String {
+        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
+            Some(r) => format!("{}{r}{}{}", think.open, think.close, self.text),
+            None => self.text.clone(),
+        }
+    }
+}
+
+/// Progress of a running [`Backend::complete`] (local engines report every step).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Tokens decoded in this step.
+    pub decoded_tokens: usize,
+    /// Sequences decoding now.
+    pub running: usize,
+}
+
+/// A source of completions.
+pub trait Backend {
+    /// The model's name in verdicts and scores (a preset name, a path, a server's model).
+    fn model_id(&self) -> &str;
+    /// Where it runs, as the manifest's `device` records it (`Cpu`, `remote: URL`).
+    fn device(&self) -> String;
+    /// Where it runs, for messages ("the local engine", a server's base URL).
+    fn location(&self) -> String;
+    /// The model's preset, when it is a known model (its sampling defaults).
+    fn preset(&self) -> Option<&Preset>;
+    /// The think tags of its completions.
+    fn think(&self) -> ThinkConvention;
+    /// The manifest's `model` entry of a generation run.
+    fn manifest_model(&self) -> Value;
+    /// The manifest's `prompt` entry of a generation run: how prompts were built from
+    /// `system_flag` (`--system`) and `rules` (`--safety-rules`).
+    fn manifest_prompt(&self, system_flag: Option<&str>, rules: Option<&SafetyRules>) -> Value;
+    /// The manifest's `judge` entry when this backend judges.
+    fn manifest_judge(&self) -> Value;
+    /// Runs every request. Each completion goes to `on_completion` as soon as it is done,
+    /// so callers can append it at once; an error from it stops the run (completions
+    /// already handed over stay handed over). `on_progress` sees every engine step.
+    fn complete(
+        &mut self,
+        requests: Vec<Request>,
+        on_completion: &mut dyn FnMut(Completion) -> Result<()>,
+        on_progress: &mut dyn FnMut(Progress),
+    ) -> Result<()>;
+}
+
+/// The engine's sampling parameters of a decoding.
+pub fn sampling_params(d: &Decoding) -> SamplingParams {
+    SamplingParams { temperature: d.temperature, top_k: d.top_k, top_p: d.top_p, min_p: d.min_p }
+}
+
+/// Opens the backend `spec` names: `openai:MODEL@BASE_URL` for a server, `local:MODEL` or a
+/// bare MODEL (a .gguf, a model directory, a preset, a hub id) for the local engine. `flag`
+/// names the option in errors.
+pub fn open(spec: &str, flag: &str, prompt: &PromptSettings, local: &local::LocalOptions, remote: &openai::ClientOptions) -> Result<Box<dyn Backend>> {
+    if spec.starts_with("openai:") {
+        if local.adapter.is_some() {
+            bail!("--adapter merges LoRA weights into a local model; with {flag} load the adapter on the server");
+        }
+        return Ok(Box::new(openai::OpenAiBackend::open(spec, flag, prompt, remote)?));
+    }
+    let model = spec.strip_prefix("local:").unwrap_or(spec);
+    Ok(Box::new(local::LocalBackend::open(model, prompt, local)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(text: &str, reasoning: Option<&str>, finish: FinishReason) -> Completion {
+        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1 }
+    }
+
+    #[test]
+    fn a_separate_reasoning_field_is_the_thinking_and_goes_back_between_tags() {
+        let think = ThinkConvention::default();
+        let c = completion("Answer.", Some(" Risky. "), FinishReason::Stop);
+        let s = c.split(&think);
+        assert_eq!((s.thinking.as_str(), s.response.as_str(), s.truncated_thinking), ("Risky.", "Answer.", false));
+        assert_eq!(c.raw(&think), "<think> Risky. </think>Answer.");
+        // Cut off while thinking: no answer, the length ran out.
+        assert!(completion("", Some("Still thinking"), FinishReason::Length).split(&think).truncated_thinking);
+        // Without the field, the tags in the text decide.
+        let c = completion("<think>Risky.</think>Answer.", None, FinishReason::Stop);
+        assert_eq!(c.split(&think).thinking, "Risky.");
+        assert_eq!(c.raw(&think), c.text);
+    }
+}

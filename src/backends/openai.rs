@@ -13,12 +13,14 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::prompt::{split_completion, Message, SplitCompletion, ThinkConvention};
+use super::preset::{self, Preset};
+use super::{Backend, Completion, Progress, PromptSettings, Request};
+use crate::prompt::{Message, Placement, SafetyRules, SplitCompletion, ThinkConvention};
 use crate::records::FinishReason;
 
 /// `openai:MODEL@BASE_URL`, e.g. `openai:Qwen/QwQ-32B@http://gpu-box:8000/v1`.
@@ -154,29 +156,15 @@ impl ChatChoice {
         }
     }
 
-    /// Thinking and response: the server's reasoning field when it has one, else the think
-    /// tags in the content (an R1-style content with only `</think>` counts its first part
-    /// as thinking).
-    pub fn split(&self, think: &ThinkConvention) -> SplitCompletion {
-        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
-            Some(r) => SplitCompletion {
-                thinking: r.trim().to_string(),
-                response: self.content.trim().to_string(),
-                // Cut off while thinking: the length ran out before any answer.
-                truncated_thinking: self.finish_reason.as_deref() == Some("length") && self.content.trim().is_empty(),
-                had_think_tags: true,
-            },
-            None => split_completion(&self.content, think),
-        }
+    /// This choice as the [`Completion`] of sample `tag`.
+    pub fn into_completion(self, tag: usize, prompt_tokens: usize, completion_tokens: usize) -> Completion {
+        let finish = self.finish();
+        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens }
     }
 
-    /// The completion as one text: the reasoning put back between think tags when the
-    /// server separated it.
-    pub fn raw(&self, think: &ThinkConvention) -> String {
-        match self.reasoning.as_deref().filter(|r| !r.trim().is_empty()) {
-            Some(r) => format!("{}{r}{}{}", think.open, think.close, self.content),
-            None => self.content.clone(),
-        }
+    /// Thinking and response (see [`Completion::split`]).
+    pub fn split(&self, think: &ThinkConvention) -> SplitCompletion {
+        self.clone().into_completion(0, 0, 0).split(think)
     }
 }
 
@@ -382,6 +370,127 @@ fn snippet(text: &str) -> String {
         format!("{cut:?}...")
     } else {
         format!("{cut:?}")
+    }
+}
+
+/// The request seed of sample `sample` of `item` under the run's `seed`, in 63 bits
+/// (OpenAI's seed is a signed 64-bit integer): FNV-1a 64 of `"{seed}:{item}:{sample}"`, so a
+/// server that honours `seed` gives a sample the same text whichever other samples a
+/// resumed run still needs.
+pub fn request_seed(seed: u64, item: &str, sample: u32) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(format!("{seed}:{item}:{sample}").as_bytes());
+    h.finish() >> 1
+}
+
+/// Completions from an OpenAI-compatible server: one request per sample (`n = 1`, its own
+/// `seed`), `concurrency` in flight, replies handed over as they arrive.
+pub struct OpenAiBackend {
+    client: Client,
+    /// Sent as a system message before every conversation.
+    system: Option<String>,
+    enable_thinking: Option<bool>,
+    /// The preset of a model named like one (its hub id or preset name).
+    preset: Option<Preset>,
+}
+
+impl OpenAiBackend {
+    /// `spec` is `openai:MODEL@BASE_URL`. A template or adapter for a local model is refused:
+    /// the server applies its own template and loads its own weights.
+    pub fn open(spec: &str, flag: &str, prompt: &PromptSettings, opts: &ClientOptions) -> Result<OpenAiBackend> {
+        if prompt.chat_template.is_some() {
+            bail!("--chat-template applies to the local engine; with {flag} the server applies its own template");
+        }
+        let endpoint = Endpoint::parse(spec, flag)?;
+        let preset = preset::find(&endpoint.model);
+        let client = Client::new(endpoint, opts.clone())?;
+        Ok(OpenAiBackend { client, system: prompt.system.clone(), enable_thinking: prompt.enable_thinking, preset })
+    }
+
+    /// The body of one sample's request.
+    fn chat_request(&self, r: &Request, s: &super::SampleRequest) -> ChatRequest {
+        let mut messages = Vec::with_capacity(r.messages.len() + 1);
+        if let Some(sys) = &self.system {
+            messages.push(Message::system(sys.clone()));
+        }
+        messages.extend(r.messages.iter().cloned());
+        let mut extra = serde_json::Map::new();
+        if let Some(t) = self.enable_thinking {
+            extra.insert("chat_template_kwargs".into(), json!({"enable_thinking": t}));
+        }
+        let d = &s.decoding;
+        ChatRequest {
+            messages,
+            n: 1,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            min_p: d.min_p,
+            max_tokens: d.max_new_tokens,
+            seed: s.seed,
+            stop: d.stop.clone(),
+            extra,
+        }
+    }
+}
+
+impl Backend for OpenAiBackend {
+    fn model_id(&self) -> &str {
+        &self.client.endpoint.model
+    }
+
+    fn device(&self) -> String {
+        format!("remote: {}", self.client.endpoint.base_url)
+    }
+
+    fn location(&self) -> String {
+        self.client.endpoint.base_url.clone()
+    }
+
+    fn preset(&self) -> Option<&Preset> {
+        self.preset.as_ref()
+    }
+
+    /// The preset's tags; the server's template decides whether the opening one is
+    /// pre-filled, so it is never assumed.
+    fn think(&self) -> ThinkConvention {
+        self.preset.as_ref().map_or_else(ThinkConvention::default, |p| ThinkConvention { prefilled_open: false, ..p.think_convention() })
+    }
+
+    fn manifest_model(&self) -> Value {
+        json!({"id": self.client.endpoint.model, "backend": self.client.describe()})
+    }
+
+    fn manifest_prompt(&self, system_flag: Option<&str>, rules: Option<&SafetyRules>) -> Value {
+        json!({
+            "chat_template": "the server's",
+            "system": system_flag,
+            // Rules go out as a system message; the server's template decides where it lands.
+            "safety_rules": SafetyRules::manifest_entry(rules, Placement::System),
+            "enable_thinking": self.enable_thinking,
+        })
+    }
+
+    fn manifest_judge(&self) -> Value {
+        json!({"model": self.client.endpoint.model, "endpoint": self.client.describe()})
+    }
+
+    fn complete(&mut self, requests: Vec<Request>, on_completion: &mut dyn FnMut(Completion) -> Result<()>, _: &mut dyn FnMut(Progress)) -> Result<()> {
+        let mut calls = Vec::new();
+        for r in &requests {
+            if r.reply_start.is_some() {
+                bail!("{}: an OpenAI-compatible server cannot be given the start of a reply ({})", self.client.endpoint.base_url, r.label);
+            }
+            for s in &r.samples {
+                calls.push(((s.tag, r.label.as_str()), self.chat_request(r, s)));
+            }
+        }
+        let url = self.client.endpoint.chat_url();
+        self.client.chat_all(calls, &mut |(tag, label), reply| {
+            let choice = reply.choices.into_iter().next().with_context(|| format!("{url}: a reply with no choice for {label}"))?;
+            on_completion(choice.into_completion(tag, reply.prompt_tokens, reply.completion_tokens))
+        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use bsa::analysis::metrics::ScoreOptions;
+use super::args::BootstrapArgs;
 
 #[derive(Debug, Args)]
 pub struct AgreeArgs {
@@ -21,13 +21,8 @@ pub struct AgreeArgs {
     /// The data file, for the sheet's query and risk summary (default: the run's own).
     #[arg(long)]
     pub data: Option<String>,
-    /// Bootstrap resamples (items resampled) for the intervals (0 = none).
-    #[arg(long, default_value_t = 2000)]
-    pub resamples: usize,
-    #[arg(long, default_value_t = ScoreOptions::default().seed)]
-    pub bootstrap_seed: u64,
-    #[arg(long, default_value_t = 0.95)]
-    pub confidence: f64,
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -45,9 +40,9 @@ pub(super) fn run(a: AgreeArgs) -> Result<()> {
     }
     let (ra, rb) = (JudgedRun::load(&a.a)?, JudgedRun::load(&a.b)?);
     let opts = bsa::analysis::agree::AgreeOptions {
-        resamples: a.resamples,
-        seed: a.bootstrap_seed,
-        confidence: a.confidence,
+        resamples: a.bootstrap.resamples,
+        seed: a.bootstrap.bootstrap_seed,
+        confidence: a.bootstrap.confidence,
         data: a.data,
         sheet_text: a.sheet.is_some(),
         progress: !a.quiet && !a.json,

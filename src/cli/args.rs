@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use bsa::analysis::metrics::{ScoreOptions, AUTHORS_F_ALPHA};
+use bsa::backends::local::LocalOptions;
 use bsa::data::{read_id_file, Selection, Shard};
 use bsa::records::Scenario;
 
@@ -122,6 +123,13 @@ pub struct EngineArgs {
     pub dtype: String,
 }
 
+impl EngineArgs {
+    /// The local engine's options with these flags and the command's batching.
+    pub fn local(&self, batch_size: usize, prefill_chunk: usize, block_size: usize, adapter: Option<PathBuf>) -> LocalOptions {
+        LocalOptions { device: self.device.clone(), dtype: self.dtype.clone(), batch_size, prefill_chunk, block_size, kv_cache_mb: self.kv_cache_mb, adapter }
+    }
+}
+
 /// How `bsa` talks to an OpenAI-compatible server (--backend openai:..., --judge openai:...).
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
@@ -202,7 +210,17 @@ pub struct ScoreOpts {
     /// their published leaderboard fits 0.610.
     #[arg(long, default_value_t = AUTHORS_F_ALPHA)]
     pub f_alpha: f64,
-    /// Bootstrap resamples for the confidence intervals (0 = none).
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
+    /// Refuse items with fewer than k valid samples instead of reporting them.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// The percentile bootstrap behind every interval (`bsa score`, `compare`, `report`, `agree`).
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    /// Bootstrap resamples (items resampled within each scenario) for the intervals (0 = none).
     #[arg(long, default_value_t = 2000)]
     pub resamples: usize,
     /// Seed of the bootstrap (fixed so that reruns print the same intervals).
@@ -211,9 +229,6 @@ pub struct ScoreOpts {
     /// Confidence level of the intervals.
     #[arg(long, default_value_t = 0.95)]
     pub confidence: f64,
-    /// Refuse items with fewer than k valid samples instead of reporting them.
-    #[arg(long)]
-    pub strict: bool,
 }
 
 impl ScoreOpts {
@@ -221,9 +236,9 @@ impl ScoreOpts {
         ScoreOptions {
             k: self.k,
             f_alpha: self.f_alpha,
-            resamples: self.resamples,
-            seed: self.bootstrap_seed,
-            confidence: self.confidence,
+            resamples: self.bootstrap.resamples,
+            seed: self.bootstrap.bootstrap_seed,
+            confidence: self.bootstrap.confidence,
             strict: self.strict,
         }
     }

@@ -35,9 +35,8 @@ pub struct GenerateArgs {
 pub(super) fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
     let r = a.run;
     Ok(generation::GenerateOptions {
+        local: r.engine.local(r.batch_size, r.prefill_chunk, r.block_size, r.mitigation.adapter),
         model: r.model,
-        device: r.engine.device,
-        dtype: r.engine.dtype,
         data: r.data,
         selection: r.select.to_selection()?,
         samples: r.samples,
@@ -50,14 +49,9 @@ pub(super) fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOp
             max_new_tokens: r.max_new_tokens,
             stop: r.stop,
         },
-        batch_size: r.batch_size,
-        prefill_chunk: r.prefill_chunk,
-        kv_cache_mb: r.engine.kv_cache_mb,
-        block_size: r.block_size,
         chat_template: r.chat_template,
         system: r.system,
         safety_rules: r.mitigation.safety_rules,
-        adapter: r.mitigation.adapter,
         enable_thinking: r.enable_thinking,
         out: r.out,
         on_existing: if r.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },

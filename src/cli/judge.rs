@@ -35,10 +35,8 @@ pub(super) fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, b
         max_new_tokens: j.judge_max_new_tokens,
         retries: j.judge_retries,
         prefill: j.judge_prefill,
-        batch_size,
-        kv_cache_mb: engine.kv_cache_mb,
-        device: engine.device.clone(),
-        dtype: engine.dtype.clone(),
+        // A judge's prompts are short and every request is one sample: the defaults serve.
+        local: engine.local(batch_size, 512, 16, None),
         run,
         progress: !quiet,
         remote: remote.options(),

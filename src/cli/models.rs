@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::Args;
 
+use bsa::analysis::report::text::TextTable;
+
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
     /// Print JSON instead of a table.
@@ -16,11 +18,12 @@ pub(super) fn run(a: ModelsArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&ps)?);
         return Ok(());
     }
-    println!("{:<22} {:<42} {:<6} {:>5} {:>5} {:>5} {:>6}  think", "preset", "hub id", "arch", "T", "top-p", "top-k", "max");
+    let mut t = TextTable::new(["preset", "hub id", "arch", "T", "top-p", "top-k", "max", "think"], 3).left(7);
     for p in ps {
         let s = &p.sampling;
         let think = if !p.reasoning { "none".to_string() } else if p.think.prefilled { format!("{} pre-filled", p.think.open) } else { p.think.open.clone() };
-        println!("{:<22} {:<42} {:<6} {:>5} {:>5} {:>5} {:>6}  {think}", p.name, p.hub_id, p.architecture, s.temperature, s.top_p, s.top_k, s.max_new_tokens);
+        t.row([p.name, p.hub_id, p.architecture, s.temperature.to_string(), s.top_p.to_string(), s.top_k.to_string(), s.max_new_tokens.to_string(), think]);
     }
+    print!("{}", t.render(0));
     Ok(())
 }

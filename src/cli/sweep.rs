@@ -66,7 +66,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
     let label = run_label(&RunDir::read(run)?);
     let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();
     store::write_json_atomic(&run.join(store::SCORES), &cards)?;
-    println!("\n{}", bsa::pipeline::sweep::table(&o.results));
+    println!("\n{}", bsa::analysis::sweep::table(&o.results));
     // The heatmaps: the same report `bsa report RUN` writes, into the run directory.
     let judged = JudgedRun::load(run)?;
     let rep = report::document::build(std::slice::from_ref(&judged), &report::document::ReportOptions { score: opts.score.clone(), progress: !quiet })?;
@@ -74,7 +74,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
     println!(
         "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); heatmaps in {} and {}",
         run.display(),
-        bsa::pipeline::sweep::SWEEP_JSON,
+        bsa::analysis::sweep::SWEEP_JSON,
         w.html.display(),
         w.markdown.display()
     );

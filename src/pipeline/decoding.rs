@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::backends::preset::Preset;
-use crate::engine::sampler::SamplingParams;
+use crate::backends::sampling_params;
 use crate::records::Decoding;
 
 /// Flags that override the preset's (or the built-in) decoding defaults.
@@ -127,11 +127,6 @@ impl DecodingGrid {
             "stop": base.stop,
         })
     }
-}
-
-/// The engine's sampling parameters of a decoding.
-pub fn sampling_params(d: &Decoding) -> SamplingParams {
-    SamplingParams { temperature: d.temperature, top_k: d.top_k, top_p: d.top_p, min_p: d.min_p }
 }
 
 #[cfg(test)]

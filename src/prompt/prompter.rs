@@ -84,6 +84,11 @@ impl Prompter {
         self.system_role
     }
 
+    /// The system text put before every conversation, if any.
+    pub fn system(&self) -> Option<&str> {
+        self.system.as_deref()
+    }
+
     /// The `enable_thinking` the template is rendered with (`None`: its own default).
     pub fn enable_thinking(&self) -> Option<bool> {
         self.enable_thinking

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::kv_cache::KvCache;
-use crate::backends::local::LocalModel;
+use crate::backends::local::{LocalModel, StopStrings};
 use crate::engine::load::{self, LoadedModel};
 use crate::engine::scheduler::{self, Finished, Intake, PromptGroup, SampleSpec, SchedulerConfig};
 use crate::engine::sampler::{SamplingParams, StreamKey};
@@ -156,11 +156,10 @@ impl Server {
         let dtype = load::dtype(&opts.dtype, &device)?;
         let local = LocalModel::load(&opts.model, &device, dtype)?;
         let prompter = Prompter::new(&local.prompt_format(), None, None, None)?;
-        let m = local.loaded;
         let block_size = opts.block_size.max(1);
-        let kv_dtype = if device.is_cpu() { candle_core::DType::F32 } else { dtype };
-        let blocks = KvCache::blocks_for_bytes(&m.config, block_size, opts.kv_cache_mb << 20, kv_dtype);
-        let cache = KvCache::new(&m.config, block_size, blocks, kv_dtype, &device)?;
+        let cache = local.kv_cache(block_size, opts.kv_cache_mb, &device, dtype)?;
+        let blocks = cache.num_blocks();
+        let m = local.loaded;
         let mut names = vec![opts.served_model_name.clone().unwrap_or_else(|| m.description.id.clone())];
         for alias in [opts.model.clone(), m.description.id.clone()] {
             if !names.contains(&alias) {
@@ -294,9 +293,7 @@ fn engine_loop(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx: m
     let mut stop = |tag: usize, toks: &[u32]| -> bool {
         let Some(&(id, _)) = tags.borrow().get(&tag) else { return false };
         let jobs = jobs.borrow();
-        let Some(p) = jobs.get(&id).filter(|p| !p.stop.is_empty()) else { return false };
-        let text = tokenizer.decode(toks, false).unwrap_or_default();
-        p.stop.iter().any(|s| text.contains(s.as_str()))
+        jobs.get(&id).is_some_and(|p| StopStrings(&p.stop).hit(tokenizer, toks))
     };
     let mut on_done = |f: Finished| -> Result<()> {
         let (id, i) = tags.borrow_mut().remove(&f.tag).expect("every tag was registered");
@@ -564,9 +561,7 @@ fn completion_body(front: &Frontend, model: &str, prompt_tokens: usize, stop: &[
             completion_tokens += f.tokens.len();
             let mut text = front.tokenizer.decode(&f.tokens, false).unwrap_or_default();
             if f.finish == scheduler::FinishReason::StopString {
-                if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    text.truncate(cut);
-                }
+                StopStrings(stop).cut(&mut text);
             }
             let split = split_completion(&text, &front.think);
             let thinking = (!split.thinking.is_empty()).then_some(split.thinking);
@@ -589,7 +584,6 @@ fn completion_body(front: &Frontend, model: &str, prompt_tokens: usize, stop: &[
     })
 }
 
-/// The text of a message's content: a string, or OpenAI's list of `{type: text, text}` parts.
 /// The OpenAI protocol's `finish_reason`: a stop string is a "stop" there.
 fn openai_finish_reason(f: scheduler::FinishReason) -> &'static str {
     match f {
@@ -598,6 +592,7 @@ fn openai_finish_reason(f: scheduler::FinishReason) -> &'static str {
     }
 }
 
+/// The text of a message's content: a string, or OpenAI's list of `{type: text, text}` parts.
 fn content_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::analysis::agree::progress_bar;
+use crate::progress::progress_bar;
 use crate::records::{PRIMARY_CATEGORIES, Scenario};
 use crate::records::Decoding;
 use crate::analysis::judged_run::JudgedRun;
 use crate::analysis::metrics::{self, Interval, ScoreOptions, Scorecard, AUTHORS_F_ALPHA};
-use crate::analysis::report::plots::{self, BarSeries, ScatterPoint};
+use super::plots::{self, BarSeries, ScatterPoint};
+use super::text::TextTable;
 
 #[derive(Debug, Clone)]
 pub struct ReportOptions {
@@ -574,12 +575,10 @@ pub fn write(rep: &Report, out: &Path) -> Result<Written> {
 
 /// A short terminal summary: one line per scored unit.
 pub fn summary_table(rep: &Report) -> String {
-    let w = rep.entities.iter().map(|e| e.name.len()).max().unwrap_or(3).clamp(3, 60);
-    let mut s = String::new();
-    let _ = writeln!(s, "  {:<w$} {:>6} {:>7} {:>7} {:>8} {:>7}", "run", "items", "Safe@1", "Think@1", "SSA gap", "F-score");
+    let mut t = TextTable::new(["run", "items", "Safe@1", "Think@1", "SSA gap", "F-score"], 1);
     for e in &rep.entities {
         let h = &e.card.headline;
-        let _ = writeln!(s, "  {:<w$} {:>6} {:>7} {:>7} {:>8} {:>7}", e.name, e.card.items, pct(h.safe_at_1), pct(h.think_at_1), pct(h.safe_at_1 - h.think_at_1), pct(h.f_score));
+        t.row([e.name.clone(), e.card.items.to_string(), pct(h.safe_at_1), pct(h.think_at_1), pct(h.safe_at_1 - h.think_at_1), pct(h.f_score)]);
     }
-    s
+    t.render(2)
 }

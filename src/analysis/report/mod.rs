@@ -1,15 +1,17 @@
-//! Human-readable output. For now the terminal tables of `bsa score` and `bsa data stats`;
-//! markdown, HTML and plots join here.
+//! Human-readable output: the terminal tables of `bsa score` and `bsa data stats` (here,
+//! drawn by [`text`]), and the reports of `bsa report` ([`document`]: markdown and HTML with
+//! [`plots`]).
 
 pub mod document;
 pub mod plots;
+pub mod text;
 
 use std::fmt::Write;
 
+use super::metrics::{GroupScore, Interval, Scorecard, AUTHORS_F_ALPHA};
 use crate::data::DataStats;
-
 use crate::records::Scenario;
-use crate::analysis::metrics::{Interval, Scorecard, AUTHORS_F_ALPHA};
+use text::TextTable;
 
 fn pct(x: f64) -> String {
     if x.is_nan() { "-".into() } else { format!("{x:.2}") }
@@ -36,7 +38,7 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         sc.bootstrap.seed
     );
     let h = &sc.headline;
-    let _ = writeln!(s, "\n  {:<10} {:>7}  {}", "metric", "value", "interval");
+    let mut t = TextTable::new(["metric", "value", "interval"], 1);
     let rows = [
         ("Safe@1", h.safe_at_1, "safe_at_1"),
         ("Safe@k", h.safe_at_k, "safe_at_k"),
@@ -51,26 +53,20 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         ("OS@k", h.os_at_k, "os_at_k"),
     ];
     for (label, v, key) in rows {
-        let _ = writeln!(s, "  {label:<10} {:>7}  {}", pct(v), ci(sc.intervals.get(key)));
+        t.row([label.to_string(), pct(v), ci(sc.intervals.get(key))]);
     }
+    let _ = write!(s, "\n{}", t.render(2));
     let gap = h.safe_at_1 - h.think_at_1;
     if !gap.is_nan() {
         let _ = writeln!(s, "  SSA gap (Safe@1 - Think@1): {gap:.2} points");
     }
-    let group_rows = |s: &mut String, title: &str, groups: &mut dyn Iterator<Item = (&String, &crate::analysis::metrics::GroupScore)>| {
-        let _ = writeln!(s, "\n  {title:<42} {:>5} {:>7} {:>7} {:>7} {:>7}", "items", "Safe@1", "Safe@k", "Think@1", "Think@k");
+    let group_rows = |s: &mut String, title: &str, groups: &mut dyn Iterator<Item = (&String, &GroupScore)>| {
+        let mut t = TextTable::new([title, "items", "Safe@1", "Safe@k", "Think@1", "Think@k"], 1);
         for (name, g) in groups {
             let r = &g.rates;
-            let _ = writeln!(
-                s,
-                "  {name:<42} {:>5} {:>7} {:>7} {:>7} {:>7}",
-                g.items,
-                pct(r.safe_at_1),
-                pct(r.safe_at_k),
-                pct(r.think_at_1),
-                pct(r.think_at_k)
-            );
+            t.row([name.clone(), g.items.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k)]);
         }
+        let _ = write!(s, "\n{}", t.render(2));
     };
     // Scenarios in the benchmark's order, not alphabetical.
     let mut scen = Scenario::ALL.iter().filter_map(|sn| sc.scenarios.get_key_value(sn.name()));
@@ -113,15 +109,17 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
 pub fn stats_table(source: &str, st: &DataStats) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{source}: {} items", st.items);
-    let _ = writeln!(s, "\n  {:<42} {:>6}", "scenario", "items");
+    let mut t = TextTable::new(["scenario", "items"], 1);
     for sc in Scenario::ALL {
         if let Some(n) = st.per_scenario.get(sc.name()) {
-            let _ = writeln!(s, "  {:<42} {n:>6}", sc.name());
+            t.row([sc.name().to_string(), n.to_string()]);
         }
     }
-    let _ = writeln!(s, "\n  {:<42} {:>6}", "primary category (each risk counted)", "risks");
+    let _ = write!(s, "\n{}", t.render(2));
+    let mut t = TextTable::new(["primary category (each risk counted)", "risks"], 1);
     for (c, n) in st.categories_by_count() {
-        let _ = writeln!(s, "  {c:<42} {n:>6}");
+        t.row([c.to_string(), n.to_string()]);
     }
+    let _ = write!(s, "\n{}", t.render(2));
     s
 }

@@ -19,6 +19,5 @@
 //! The judge back ends and the judge loop build on these two modules.
 
 pub mod parse;
-pub mod remote;
 pub mod run;
 pub mod template;

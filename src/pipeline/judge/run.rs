@@ -16,18 +16,17 @@ use anyhow::{bail, Context, Result};
 
 use super::parse::{parse_label, repair_request, Family};
 use super::template::{Fields, Rubrics};
-use crate::backends::local::LocalModel;
+use crate::backends::local::LocalOptions;
+use crate::backends::openai::ClientOptions;
+use crate::backends::{self, Backend, PromptSettings, SampleRequest};
 use crate::data::Dataset;
-use crate::engine::kv_cache::KvCache;
-use crate::engine::load::{self, LoadedModel};
-use crate::engine::sampler::{SamplingParams, StreamKey};
-use crate::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
-use crate::prompt::{Message, Prompter};
-use crate::records::{Item, SampleRecord, Scenario};
+use crate::engine::sampler::StreamKey;
+use crate::progress::progress_bar;
+use crate::prompt::Message;
+use crate::records::{Decoding, Item, SampleRecord, Scenario};
 use crate::store::{JobSpec, OnExisting, RunDir};
 use crate::records::{SafetyLabel, ThinkingLabel, Verdict};
 
-/// The raw text recorded when the empty-thinking rule decided the label.
 /// Most new tokens after a prefilled reply start: the longest label and the closing `"}`.
 const PREFILLED_MAX_NEW_TOKENS: usize = 16;
 
@@ -36,6 +35,7 @@ fn reply_start(family: Family) -> String {
     format!("{{\"{}\": \"", family.key())
 }
 
+/// The raw text recorded when the empty-thinking rule decided the label.
 pub const EMPTY_THINKING_RULE: &str = "(no judge call: the thinking is empty, which the rubric labels as not identified)";
 
 #[derive(Debug, Clone)]
@@ -50,14 +50,12 @@ pub struct JudgeOptions {
     /// Local judges: the reply is started with the label's JSON key (`{"Safe_Ans_Check": "`),
     /// so the judge's first tokens are its label.
     pub prefill: bool,
-    pub batch_size: usize,
-    pub kv_cache_mb: usize,
-    pub device: String,
-    pub dtype: String,
+    /// A local judge's device, batching and KV cache.
+    pub local: LocalOptions,
     pub run: PathBuf,
     pub progress: bool,
     /// The client settings of an `openai:` judge.
-    pub remote: crate::backends::openai::ClientOptions,
+    pub remote: ClientOptions,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -69,94 +67,47 @@ pub struct JudgeSummary {
     pub seconds: f64,
 }
 
-/// The model behind `--judge` (for `openai:MODEL@URL` see [`super::remote`]).
-pub fn judge_model_spec(spec: &str) -> Result<String> {
-    if let Some(rest) = spec.strip_prefix("local:") {
-        return Ok(rest.to_string());
+/// Opens `--judge`: `openai:MODEL@URL`, `local:MODEL` or a bare MODEL. A local judge renders
+/// its template with thinking off (a server is left to its own default).
+fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
+    let remote = opts.judge.starts_with("openai:");
+    if remote && opts.prefill {
+        bail!("--judge-prefill starts the reply inside the local engine; an openai: judge cannot be given a reply's start (drop the flag)");
     }
-    Ok(spec.to_string())
+    let settings = PromptSettings { enable_thinking: (!remote).then_some(false), ..Default::default() };
+    backends::open(&opts.judge, "--judge", &settings, &opts.local, &opts.remote)
 }
 
-/// Where judge requests go: the local engine, or an OpenAI-compatible server.
-enum Backend {
-    Local { m: Box<LoadedModel>, prompter: Prompter, cache: KvCache, sched: SchedulerConfig },
-    Remote(crate::backends::openai::Client),
-}
-
-impl Backend {
-    fn open(opts: &JudgeOptions) -> Result<Backend> {
-        if opts.judge.starts_with("openai:") {
-            if opts.prefill {
-                bail!("--judge-prefill starts the reply inside the local engine; an openai: judge cannot be given a reply's start (drop the flag)");
+/// One greedy reply per conversation, in order; a conversation with a reply start
+/// (`starts[i]`, local judges only) continues it, and its reply includes it. A judge that
+/// thinks (a reasoning model behind a server) is read from its answer, not its reasoning.
+fn replies(backend: &mut dyn Backend, conversations: &[&[Message]], starts: &[Option<String>], max_new_tokens: usize) -> Result<Vec<String>> {
+    let requests = conversations
+        .iter()
+        .zip(starts)
+        .enumerate()
+        .map(|(tag, (msgs, start))| {
+            // The label is a few tokens after the key: no room to ramble.
+            let max_new_tokens = if start.is_some() { max_new_tokens.min(PREFILLED_MAX_NEW_TOKENS) } else { max_new_tokens };
+            let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens, stop: Vec::new() };
+            backends::Request {
+                label: format!("judge request {tag}"),
+                messages: msgs.to_vec(),
+                reply_start: start.clone(),
+                samples: vec![SampleRequest { tag, decoding, stream: StreamKey::new(0, "judge", tag as u32), seed: Some(0) }],
             }
-            let endpoint = crate::backends::openai::Endpoint::parse(&opts.judge, "--judge")?;
-            return Ok(Backend::Remote(crate::backends::openai::Client::new(endpoint, opts.remote.clone())?));
-        }
-        let device = load::device(&opts.device)?;
-        let dtype = load::dtype(&opts.dtype, &device)?;
-        let local = LocalModel::load(&judge_model_spec(&opts.judge)?, &device, dtype)?;
-        let prompter = Prompter::new(&local.prompt_format(), None, None, Some(false))?;
-        let m = local.loaded;
-        let block_size = 16;
-        let kv_dtype = if device.is_cpu() { candle_core::DType::F32 } else { dtype };
-        let blocks = KvCache::blocks_for_bytes(&m.config, block_size, opts.kv_cache_mb << 20, kv_dtype);
-        let cache = KvCache::new(&m.config, block_size, blocks, kv_dtype, &device)?;
-        let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: 512, eos: m.eos_ids.clone() };
-        Ok(Backend::Local { m: Box::new(m), prompter, cache, sched })
-    }
-
-    /// The judge's name in verdicts, and its description in the manifest.
-    fn describe(&self) -> (String, serde_json::Value) {
-        match self {
-            Backend::Local { m, .. } => (m.description.id.clone(), serde_json::json!({
-                "model": m.description.id,
-                "files": m.description.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
-            })),
-            Backend::Remote(c) => (c.endpoint.model.clone(), serde_json::json!({"model": c.endpoint.model, "endpoint": c.describe()})),
-        }
-    }
-
-    /// One greedy reply per conversation, in order; a conversation with a reply start
-    /// (`starts[i]`, local judges only) continues it, and its reply includes it.
-    fn replies(&mut self, conversations: &[&[Message]], starts: &[Option<String>], max_new_tokens: usize) -> Result<Vec<String>> {
-        let (m, prompter, cache, sched) = match self {
-            Backend::Remote(c) => return super::remote::replies(c, conversations, max_new_tokens),
-            Backend::Local { m, prompter, cache, sched } => (m, prompter, cache, sched),
-        };
-        let groups = conversations
-            .iter()
-            .enumerate()
-            .map(|(tag, msgs)| -> Result<PromptGroup> {
-                let mut text = prompter.render_messages(msgs)?;
-                // The label is a few tokens after the key: no room to ramble.
-                let max_new_tokens = match &starts[tag] {
-                    Some(start) => {
-                        text.push_str(start);
-                        max_new_tokens.min(PREFILLED_MAX_NEW_TOKENS)
-                    }
-                    None => max_new_tokens,
-                };
-                Ok(PromptGroup {
-                    prompt: m.tokenize_prompt(&text)?,
-                    samples: vec![SampleSpec { tag, params: SamplingParams::greedy(), stream: StreamKey::new(0, "judge", tag as u32), max_new_tokens }],
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut replies: Vec<String> = starts.iter().map(|s| s.clone().unwrap_or_default()).collect();
-        scheduler::run(
-            m.model.as_ref(),
-            cache,
-            sched,
-            groups,
-            &mut |_, _| false,
-            &mut |f| {
-                replies[f.tag].push_str(&decode(m, &f.tokens)?);
-                Ok(())
-            },
-            &mut |_| {},
-        )?;
-        Ok(replies)
-    }
+        })
+        .collect();
+    let mut out = vec![String::new(); conversations.len()];
+    backend.complete(
+        requests,
+        &mut |c| {
+            out[c.tag] = c.text;
+            Ok(())
+        },
+        &mut |_| {},
+    )?;
+    Ok(out)
 }
 
 /// One judge request: a conversation so far and what it is for.
@@ -186,8 +137,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         Some(d) => Rubrics::from_dir(d)?,
         None => Rubrics::builtin(),
     };
-    let mut backend = Backend::open(opts)?;
-    let (judge_id, mut judge_desc) = backend.describe();
+    let mut backend = open_judge(opts)?;
+    let (judge_id, mut judge_desc) = (backend.model_id().to_string(), backend.manifest_judge());
     let desc = judge_desc.as_object_mut().expect("an object");
     desc.insert("rubrics_sha256".into(), rubrics.sha256_hex().into());
     desc.insert("max_new_tokens".into(), opts.max_new_tokens.into());
@@ -226,7 +177,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         }
     }
 
-    let bar = if opts.progress { indicatif::ProgressBar::new(todo.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let bar = progress_bar(opts.progress, todo.len() as u64, "judged");
     let mut appender = verdict_log.appender()?;
     let rubrics_sha = rubrics.sha256_hex();
     let start = Instant::now();
@@ -235,7 +186,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         let conversations: Vec<&[Message]> = requests.iter().map(|r| r.messages.as_slice()).collect();
         summary.judge_calls += conversations.len();
         let starts: Vec<Option<String>> = requests.iter().map(|r| opts.prefill.then(|| reply_start(r.family))).collect();
-        let mut replies = backend.replies(&conversations, &starts, opts.max_new_tokens)?;
+        let mut replies = replies(backend.as_mut(), &conversations, &starts, opts.max_new_tokens)?;
         let mut next = Vec::new();
         for (tag, r) in requests.into_iter().enumerate() {
             let raw = std::mem::take(&mut replies[tag]);
@@ -281,10 +232,6 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-fn decode(m: &LoadedModel, tokens: &[u32]) -> Result<String> {
-    m.tokenizer.decode(tokens, false).map_err(|e| anyhow::anyhow!("decoding a judge reply: {e}"))
 }
 
 fn settle(p: &mut Pending, family: Family, scenario: Scenario, label: Option<&str>, raw: String) {
