@@ -11,8 +11,8 @@ use bsa::data::Dataset;
 use bsa::engine::kv_cache::KvCache;
 use bsa::backends::local::LocalModel;
 use bsa::engine::load;
-use bsa::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
-use bsa::engine::sampler::{SamplingParams, StreamKey};
+use bsa::engine::scheduler::{self, PromptGroup, SchedulerConfig};
+use bsa::engine::sampler::SamplingParams;
 use bsa::prompt::Prompter;
 use candle_core::{DType, Device};
 
@@ -47,20 +47,7 @@ fn run(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size
 }
 
 fn groups(prompts: &[Vec<u32>], k: u32, params: SamplingParams, max_new: usize) -> Vec<PromptGroup> {
-    let mut tag = 0;
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PromptGroup {
-            prompt: p.clone(),
-            samples: (0..k)
-                .map(|s| {
-                    tag += 1;
-                    SampleSpec { tag: tag - 1, params, stream: StreamKey::new(7, &format!("item{i}"), s), max_new_tokens: max_new }
-                })
-                .collect(),
-        })
-        .collect()
+    PromptGroup::uniform(prompts, k, params, max_new, 7, "item")
 }
 
 #[test]

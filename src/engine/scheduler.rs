@@ -35,6 +35,28 @@ pub struct PromptGroup {
     pub samples: Vec<SampleSpec>,
 }
 
+impl PromptGroup {
+    /// `k` samples of each prompt with the same `params` and `max_new_tokens`, tagged 0, 1,
+    /// ... in prompt order; sample s of prompt i draws from the stream
+    /// `(seed, "{item_prefix}{i}", s)`. What benchmarks and tests batch.
+    pub fn uniform(prompts: &[Vec<u32>], k: u32, params: SamplingParams, max_new_tokens: usize, seed: u64, item_prefix: &str) -> Vec<PromptGroup> {
+        let mut tag = 0;
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PromptGroup {
+                prompt: p.clone(),
+                samples: (0..k)
+                    .map(|s| {
+                        tag += 1;
+                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(seed, &format!("{item_prefix}{i}"), s), max_new_tokens }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

@@ -173,23 +173,8 @@ pub fn engine(
     params: SamplingParams,
 ) -> Result<EngineThroughput> {
     use bsa::engine::kv_cache::KvCache;
-    use bsa::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
-    let groups = |max_new: usize| -> Vec<PromptGroup> {
-        let mut tag = 0;
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| PromptGroup {
-                prompt: p.clone(),
-                samples: (0..samples)
-                    .map(|s| {
-                        tag += 1;
-                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(0, &format!("bench{i}"), s), max_new_tokens: max_new }
-                    })
-                    .collect(),
-            })
-            .collect()
-    };
+    use bsa::engine::scheduler::{self, PromptGroup, SchedulerConfig};
+    let groups = |max_new: usize| PromptGroup::uniform(prompts, samples, params, max_new, 0, "bench");
     let device = m.model.device().clone();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + new_tokens;
     let block_size = 16;
