@@ -26,24 +26,19 @@ pub const SCORES: &str = "scores.json";
 /// What a run evaluates. Two invocations may share a run directory only if every field
 /// they both set is equal; a field one of them leaves unset (e.g. the judge, before
 /// judging) is filled in by the later one.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
+    #[serialize_always]
     pub dataset: Option<DatasetRef>,
     #[serde(default)]
     pub selection: Selection,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<Shard>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoding: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<Value>,
 }
 
@@ -55,23 +50,21 @@ pub struct DatasetRef {
 }
 
 /// `manifest.json`: the job plus everything needed to reproduce it.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub bsa_version: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_commit: Option<String>,
     pub created: String,
     pub job: JobSpec,
     /// Every command that wrote to this run, oldest first.
     #[serde(default)]
     pub commands: Vec<CommandEntry>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     /// For merged runs: the shard runs it was made from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
     /// Free-form notes (e.g. "labels written by hand").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
 

@@ -15,7 +15,7 @@ use crate::engine::load::{self, load_dir, load_gguf, LoadedModel};
 use crate::engine::lora::LoraAdapter;
 use crate::engine::scheduler::{self, PromptGroup, SampleSpec, SchedulerConfig};
 use crate::hub;
-use crate::prompt::{Placement, PromptFormat, Prompter, SafetyRules, ThinkConvention};
+use crate::prompt::{Placement, PresetPrompting, PromptFormat, Prompter, SafetyRules, ThinkConvention};
 use crate::records::FinishReason;
 
 /// Where the weights come from.
@@ -152,9 +152,7 @@ impl LocalModel {
             chat_template: m.chat_template.clone(),
             bos_token: m.bos_token.clone(),
             eos_token: m.eos_token.clone(),
-            system_role: self.preset.as_ref().map(|p| p.template.system_role),
-            enable_thinking: self.preset.as_ref().and_then(|p| p.template.enable_thinking),
-            think: self.preset.as_ref().map(|p| p.think_convention()),
+            preset: self.preset.as_ref().map(|p| PresetPrompting { system_role: p.template.system_role, enable_thinking: p.template.enable_thinking, think: p.think_convention() }),
         }
     }
 }

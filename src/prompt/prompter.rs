@@ -9,8 +9,8 @@ use super::reasoning::ThinkConvention;
 use super::template::{with_system, ChatTemplate, Message, RenderOptions};
 
 /// What is known about prompting one model: its chat template and special tokens (from its
-/// files) and, for a model with a preset, the preset's defaults. Backends fill this in; the
-/// prompter needs nothing else of the model.
+/// files) and, for a known model, its preset's advice. Backends fill this in; the prompter
+/// needs nothing else of the model.
 #[derive(Debug, Clone, Default)]
 pub struct PromptFormat {
     /// The model's name, for error messages.
@@ -19,12 +19,19 @@ pub struct PromptFormat {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
-    /// Whether the model's authors support a system turn; `None`: ask the template.
-    pub system_role: Option<bool>,
+    /// What the model's preset says; `None`: ask the template (system role), think tags
+    /// `<think>` / `</think>`, the template's own `enable_thinking`.
+    pub preset: Option<PresetPrompting>,
+}
+
+/// A model preset's advice on prompting it (`models/*.toml`).
+#[derive(Debug, Clone)]
+pub struct PresetPrompting {
+    /// Whether the model's authors support a system turn (DeepSeek advises against one).
+    pub system_role: bool,
     /// Qwen3-style `enable_thinking` default (a flag overrides it).
     pub enable_thinking: Option<bool>,
-    /// The think tags; `None`: `<think>` / `</think>`.
-    pub think: Option<ThinkConvention>,
+    pub think: ThinkConvention,
 }
 
 /// Renders prompts for one model (see [`PromptFormat`]).
@@ -52,9 +59,10 @@ impl Prompter {
             })?,
         };
         let template = ChatTemplate::new(&source, format.bos_token.as_deref().unwrap_or(""), format.eos_token.as_deref().unwrap_or(""))?;
-        let system_role = format.system_role.unwrap_or_else(|| template.supports_system_role());
-        let enable_thinking = enable_thinking.or(format.enable_thinking);
-        let mut think = format.think.clone().unwrap_or_default();
+        let preset = format.preset.as_ref();
+        let system_role = preset.map_or_else(|| template.supports_system_role(), |p| p.system_role);
+        let enable_thinking = enable_thinking.or(preset.and_then(|p| p.enable_thinking));
+        let mut think = preset.map_or_else(ThinkConvention::default, |p| p.think.clone());
         let mut p = Prompter { template, template_source: source, system_role, enable_thinking, system, think: think.clone() };
         // Whether the template pre-fills the think tag is read off a rendered prompt, since
         // revisions of one model's template differ (the R1 distills changed in 2025).

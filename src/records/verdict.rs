@@ -110,6 +110,7 @@ fn normalise(s: &str) -> String {
 
 /// One judged sample: a line of `verdicts.jsonl`. `None` labels mean the judge's output
 /// could not be parsed; such samples are counted and reported, never guessed.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub item_id: String,
@@ -121,18 +122,17 @@ pub struct Verdict {
     /// The item's primary risk categories, so a run can be scored without its data file.
     #[serde(default)]
     pub categories: Vec<String>,
+    #[serialize_always]
     pub safety: Option<SafetyLabel>,
+    #[serialize_always]
     pub thinking: Option<ThinkingLabel>,
     /// Which judge produced the labels (model id, or a note for hand labels).
     #[serde(default)]
     pub judge: String,
     /// The judge's raw output, kept for audit and agreement studies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_safety: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_thinking: Option<String>,
     /// The sha256 of the rubric prompts the judge was given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_sha256: Option<String>,
 }
 
