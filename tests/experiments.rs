@@ -13,7 +13,7 @@ use bsa::backends::local::{LocalModel, LocalOptions};
 use bsa::data::Selection;
 use bsa::engine::{lora, tokenizer};
 use bsa::pipeline::decoding::{DecodingGrid, DecodingOverrides};
-use bsa::pipeline::generate::{self as generation, GenerateOptions};
+use bsa::pipeline::generate::{self as generation, GenerateOptions, PromptOptions};
 use bsa::prompt::Prompter;
 use bsa::records::{hex_sha256, Decoding};
 use bsa::store::OnExisting;
@@ -50,10 +50,7 @@ fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOpt
         samples: 2,
         seed: 3,
         decoding: DecodingOverrides { max_new_tokens: Some(6), ..decoding },
-        chat_template: None,
-        system: None,
-        safety_rules: None,
-        enable_thinking: None,
+        prompt: PromptOptions::default(),
         out: out.to_path_buf(),
         on_existing: OnExisting::Resume,
         progress: false,

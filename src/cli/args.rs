@@ -7,6 +7,7 @@ use clap::Args;
 
 use bsa::analysis::metrics::{ScoreOptions, AUTHORS_F_ALPHA};
 use bsa::backends::local::LocalOptions;
+use bsa::pipeline::generate::PromptOptions;
 use bsa::data::{read_id_file, Selection, Shard};
 use bsa::records::Scenario;
 
@@ -83,17 +84,8 @@ pub struct RunArgs {
     pub block_size: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Use this Jinja chat template instead of the model's.
-    #[arg(long, value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
-    /// A system prompt (put before the user turn when the template has no system role).
-    #[arg(long)]
-    pub system: Option<String>,
     #[command(flatten)]
-    pub mitigation: MitigationArgs,
-    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
-    #[arg(long)]
-    pub enable_thinking: Option<bool>,
+    pub prompt: PromptArgs,
     /// The run directory (created, or resumed when it holds the same job).
     #[arg(long)]
     pub out: PathBuf,
@@ -157,6 +149,33 @@ impl RemoteArgs {
             retries: self.http_retries,
             timeout: std::time::Duration::from_secs(self.request_timeout.max(1)),
             ..Default::default()
+        }
+    }
+}
+
+/// How the prompts are built.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// Use this Jinja chat template instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// A system prompt (put before the user turn when the template has no system role).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub mitigation: MitigationArgs,
+    /// Qwen3-style templates: turn thinking on or off (default: the preset's).
+    #[arg(long)]
+    pub enable_thinking: Option<bool>,
+}
+
+impl PromptArgs {
+    pub fn options(&self) -> PromptOptions {
+        PromptOptions {
+            chat_template: self.chat_template.clone(),
+            system: self.system.clone(),
+            safety_rules: self.mitigation.safety_rules.clone(),
+            enable_thinking: self.enable_thinking,
         }
     }
 }

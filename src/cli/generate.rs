@@ -35,7 +35,7 @@ pub struct GenerateArgs {
 pub(super) fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOptions> {
     let r = a.run;
     Ok(generation::GenerateOptions {
-        local: r.engine.local(r.batch_size, r.prefill_chunk, r.block_size, r.mitigation.adapter),
+        local: r.engine.local(r.batch_size, r.prefill_chunk, r.block_size, r.prompt.mitigation.adapter.clone()),
         model: r.model,
         data: r.data,
         selection: r.select.to_selection()?,
@@ -49,10 +49,7 @@ pub(super) fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOp
             max_new_tokens: r.max_new_tokens,
             stop: r.stop,
         },
-        chat_template: r.chat_template,
-        system: r.system,
-        safety_rules: r.mitigation.safety_rules,
-        enable_thinking: r.enable_thinking,
+        prompt: r.prompt.options(),
         out: r.out,
         on_existing: if r.new_run { store::OnExisting::NewRun } else { store::OnExisting::Resume },
         progress: !r.quiet,
