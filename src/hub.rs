@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Cache, Repo, RepoType};
 
 /// The cache directory in use, honouring the same variables as huggingface_hub.
@@ -68,6 +69,21 @@ fn is_data_file(name: &str) -> bool {
     n.ends_with(".csv") || n.ends_with(".jsonl")
 }
 
+/// The hub client on `cache`. With HF_HUB_OFFLINE set there is none: the error says that
+/// `what` is not in the cache, how to get it once online (`fetch`) and what to pass instead.
+fn client(cache: &Cache, progress: bool, what: &str, fetch: &str, instead: &str) -> Result<Api> {
+    if offline() {
+        bail!(
+            "{what} is not in the hub cache at {} and HF_HUB_OFFLINE is set; download it once online ({fetch}), or pass {instead}",
+            cache.path().display()
+        );
+    }
+    ApiBuilder::from_cache(cache.clone())
+        .with_progress(progress)
+        .build()
+        .context("cannot start the hub client")
+}
+
 /// Resolves one file of a model repo, cache first; None when the repo lacks that file
 /// (so callers can try alternatives such as a sharded index).
 pub fn resolve_model_file(repo_id: &str, file: &str) -> Result<Option<PathBuf>> {
@@ -76,20 +92,17 @@ pub fn resolve_model_file(repo_id: &str, file: &str) -> Result<Option<PathBuf>> 
     if let Some(p) = cache.repo(repo.clone()).get(file) {
         return Ok(Some(p));
     }
-    if offline() {
-        // Offline, a file missing from a snapshot that exists is simply not in the repo.
-        if cached_snapshot(&cache, &repo).is_some() {
-            return Ok(None);
-        }
-        bail!(
-            "the model {repo_id} is not in the hub cache at {} and HF_HUB_OFFLINE is set; download it once online (huggingface-cli download {repo_id}), or pass a local directory or .gguf file to --model",
-            cache.path().display()
-        );
+    // Offline, a file missing from a snapshot that exists is simply not in the repo.
+    if offline() && cached_snapshot(&cache, &repo).is_some() {
+        return Ok(None);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_progress(true)
-        .build()
-        .context("cannot start the hub client")?;
+    let api = client(
+        &cache,
+        true,
+        &format!("the model {repo_id}"),
+        &format!("huggingface-cli download {repo_id}"),
+        "a local directory or .gguf file to --model",
+    )?;
     match api.repo(repo).get(file) {
         Ok(p) => Ok(Some(p)),
         Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
@@ -132,16 +145,7 @@ pub fn resolve_dataset_file(spec: &str) -> Result<PathBuf> {
             }
         }
     }
-    if offline() {
-        bail!(
-            "hub:{spec} is not in the hub cache at {} and HF_HUB_OFFLINE is set; download it once online (or unset HF_HUB_OFFLINE), or pass the file path to --data",
-            cache.path().display()
-        );
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_progress(false)
-        .build()
-        .context("cannot start the hub client")?;
+    let api = client(&cache, false, &format!("hub:{spec}"), "or unset HF_HUB_OFFLINE", "the file path to --data")?;
     let api_repo = api.repo(repo);
     let name = match file {
         Some(f) => f,

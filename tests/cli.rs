@@ -1,25 +1,11 @@
 //! End-to-end tests of the `bsa` binary: data, scoring, export, merge, and bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
 mod common;
-use common::{fails, ok};
-
-fn bsa(args: &[&str]) -> Output {
-    bsa_env(args, &[])
-}
-
-fn bsa_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bsa"));
-    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run bsa")
-}
+use common::{bsa, bsa_env, fails, json, ok, temp_path, write_file};
 
 /// The real benchmark, or None with a loud note (CI sets BSA_REQUIRE_REAL_DATA=1 to fail instead).
 fn real_dataset() -> Option<PathBuf> {
@@ -97,8 +83,7 @@ fn sample_data_covers_every_scenario_and_category() {
 #[test]
 fn bad_data_is_refused_with_file_line_field_and_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.csv");
-    std::fs::write(&bad, "id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\ny,q,s,Risky,Rumors-R\n").unwrap();
+    let bad = write_file(dir.path(), "bad.csv", "id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\ny,q,s,Risky,Rumors-R\n");
     let e = fails(&bsa(&["data", "stats", bad.to_str().unwrap()]));
     assert!(e.contains("bad.csv:3") && e.contains("dataset_name") && e.contains("\"Risky\"") && e.contains("Risk Omission"), "{e}");
     let e = fails(&bsa(&["data", "stats", dir.path().join("missing.csv").to_str().unwrap()]));
@@ -107,8 +92,7 @@ fn bad_data_is_refused_with_file_line_field_and_fix() {
     assert!(e.contains("I/N"), "{e}");
     let e = fails(&bsa(&["data", "stats", "data/sample.csv", "--scenario", "XX"]));
     assert!(e.contains("\"XX\""), "{e}");
-    let ids = dir.path().join("ids.txt");
-    std::fs::write(&ids, "# wanted\nnot-an-id\n").unwrap();
+    let ids = write_file(dir.path(), "ids.txt", "# wanted\nnot-an-id\n");
     let e = fails(&bsa(&["data", "stats", "data/sample.csv", "--ids", ids.to_str().unwrap()]));
     assert!(e.contains("\"not-an-id\""), "{e}");
 }
@@ -140,8 +124,7 @@ fn hub_datasets_resolve_offline_from_the_cache() {
 
 #[test]
 fn score_a_run_writes_scores_and_agrees_with_the_official_csv_route() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
+    let (dir, run) = temp_path("run");
     copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample-run"), &run);
     let out = ok(&bsa(&["score", run.to_str().unwrap(), "--json"]));
     let by_run: Value = serde_json::from_str(&out).unwrap();
@@ -150,7 +133,7 @@ fn score_a_run_writes_scores_and_agrees_with_the_official_csv_route() {
         assert!(card[k].is_f64(), "{k} missing: {card}");
         assert!(card["intervals"][k].is_array(), "{k} interval missing");
     }
-    let written: Value = serde_json::from_str(&std::fs::read_to_string(run.join("scores.json")).unwrap()).unwrap();
+    let written = json(&run.join("scores.json"));
     assert_eq!(written, by_run);
 
     let csv = dir.path().join("official.csv");
@@ -172,8 +155,7 @@ fn score_a_run_writes_scores_and_agrees_with_the_official_csv_route() {
 #[test]
 fn strict_refuses_short_items_and_bad_options_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("o.csv");
-    std::fs::write(&csv, "model_name,id,dataset_name,Safe_Ans_Check,Thk_Acc_Judge\nm,a,Risk Omission,Safe,True\nm,a,Risk Omission,Safe,True\n").unwrap();
+    let csv = write_file(dir.path(), "o.csv", "model_name,id,dataset_name,Safe_Ans_Check,Thk_Acc_Judge\nm,a,Risk Omission,Safe,True\nm,a,Risk Omission,Safe,True\n");
     let out = ok(&bsa(&["score", "--official-csv", csv.to_str().unwrap()]));
     assert!(out.contains("fewer than k = 5"), "{out}");
     let e = fails(&bsa(&["score", "--official-csv", csv.to_str().unwrap(), "--strict"]));
@@ -238,7 +220,7 @@ fn merge_combines_shards_and_refuses_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample-run");
     let verdicts = std::fs::read_to_string(src.join("verdicts.jsonl")).unwrap();
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
+    let manifest = json(&src.join("manifest.json"));
     let ids: Vec<String> = verdicts.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["item_id"].as_str().unwrap().to_string()).collect();
     let shard_of = |id: &str| bsa::data::fnv1a64(id.as_bytes()) % 2;
     let mut runs = Vec::new();

@@ -4,10 +4,9 @@
 //! (refused on a GGUF base; recorded by hash on a safetensors base).
 
 mod common;
-use common::smollm2;
+use common::{bsa, fails, json, ok, records, smollm2, smollm2_arg, temp_path, write_file};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use bsa::backends::local::{LocalModel, LocalOptions};
 use bsa::data::Selection;
@@ -19,27 +18,6 @@ use bsa::records::{hex_sha256, Decoding};
 use bsa::store::OnExisting;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-
-/// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
-fn bsa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOptions {
     GenerateOptions {
@@ -124,17 +102,13 @@ fn a_sweep_configuration_equals_a_plain_run_and_resumes_per_configuration() {
 
 #[test]
 fn bsa_sweep_judges_scores_each_configuration_and_resumes() {
-    let Some(model) = smollm2() else { return };
-    let model = model.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("sweep");
+    let Some(model) = smollm2_arg() else { return };
+    let (_dir, out) = temp_path("sweep");
     let out_s = out.to_str().unwrap();
-    let args = ["sweep", "--model", model, "--limit", "1", "--samples", "2", "--temperature", "0.5,1.0", "--top-p", "0.9",
-        "--top-k", "0", "--max-new-tokens", "6", "--judge", model, "--judge-max-new-tokens", "8", "--judge-retries", "0",
+    let args = ["sweep", "--model", &model, "--limit", "1", "--samples", "2", "--temperature", "0.5,1.0", "--top-p", "0.9",
+        "--top-k", "0", "--max-new-tokens", "6", "--judge", &model, "--judge-max-new-tokens", "8", "--judge-retries", "0",
         "--k", "2", "--resamples", "50", "--quiet", "--out", out_s];
-    let o = bsa(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let text = stdout(&o);
+    let text = ok(&bsa(&args));
     for s in ["t0.5_p0.9_k0", "t1.0_p0.9_k0", "Safe@1", "Think@k", "F-score", "heatmaps in"] {
         assert!(text.contains(s), "{s} missing:\n{text}");
     }
@@ -155,9 +129,7 @@ fn bsa_sweep_judges_scores_each_configuration_and_resumes() {
     assert_eq!(verdicts.iter().filter(|v| v["config"] == "t0.5_p0.9_k0").count(), 2);
 
     // bsa score on the run: one scorecard per configuration, never pooled.
-    let o = bsa(&["score", out_s, "--k", "2", "--resamples", "50", "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let cards: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let cards: Value = serde_json::from_str(&ok(&bsa(&["score", out_s, "--k", "2", "--resamples", "50", "--json"]))).unwrap();
     let keys: Vec<&String> = cards.as_object().unwrap().keys().collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|k| k.ends_with("@t0.5_p0.9_k0") || k.ends_with("@t1.0_p0.9_k0")), "{keys:?}");
@@ -165,27 +137,24 @@ fn bsa_sweep_judges_scores_each_configuration_and_resumes() {
 
     // Rerun: nothing generated or judged again.
     let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
-    let o = bsa(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("wrote 0 samples (4 already there)") && stdout(&o).contains("nothing to do"), "{}", stdout(&o));
+    let text = ok(&bsa(&args));
+    assert!(text.contains("wrote 0 samples (4 already there)") && text.contains("nothing to do"), "{text}");
     assert_eq!(std::fs::read_to_string(out.join("samples.jsonl")).unwrap(), samples);
 }
 
 #[test]
 fn safety_rules_go_before_the_query_are_recorded_and_never_mixed() {
-    let Some(model) = smollm2() else { return };
-    let model_s = model.to_str().unwrap();
+    let Some(model) = smollm2_arg() else { return };
     let dir = tempfile::tempdir().unwrap();
     let gen = |out: &Path, extra: &[&str]| {
-        let mut a = vec!["generate", "--model", model_s, "--limit", "1", "--samples", "1", "--max-new-tokens", "2", "--quiet", "--out", out.to_str().unwrap()];
+        let mut a = vec!["generate", "--model", &model, "--limit", "1", "--samples", "1", "--max-new-tokens", "2", "--quiet", "--out", out.to_str().unwrap()];
         a.extend_from_slice(extra);
         bsa(&a)
     };
     let base = dir.path().join("base");
     let ruled = dir.path().join("ruled");
-    assert!(gen(&base, &[]).status.success());
-    let o = gen(&ruled, &["--safety-rules", "default"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&gen(&base, &[]));
+    ok(&gen(&ruled, &["--safety-rules", "default"]));
     let m = json(&ruled.join("manifest.json"));
     let rules = &m["job"]["prompt"]["safety_rules"];
     assert_eq!(rules["sha256"], hex_sha256(bsa::prompt::safety_rules::DEFAULT_RULES.trim().as_bytes()));
@@ -197,28 +166,24 @@ fn safety_rules_go_before_the_query_are_recorded_and_never_mixed() {
 
     // Other rules, or none, on the same run: refused naming the field; nothing lost.
     let before = std::fs::read_to_string(ruled.join("samples.jsonl")).unwrap();
-    let file = dir.path().join("rules.txt");
-    std::fs::write(&file, "RULES: refuse anything dangerous.").unwrap();
+    let file = write_file(dir.path(), "rules.txt", "RULES: refuse anything dangerous.");
     for extra in [&["--safety-rules", file.to_str().unwrap()][..], &[][..]] {
-        let o = gen(&ruled, extra);
-        assert!(!o.status.success());
-        assert!(stderr(&o).contains("job.prompt.safety_rules"), "{}", stderr(&o));
+        let e = fails(&gen(&ruled, extra));
+        assert!(e.contains("job.prompt.safety_rules"), "{e}");
     }
     assert_eq!(std::fs::read_to_string(ruled.join("samples.jsonl")).unwrap(), before);
 
     // A template without a system role: the rules start the user turn, and the manifest says so.
-    let tpl = dir.path().join("no_system.jinja");
-    std::fs::write(
-        &tpl,
+    let tpl = write_file(
+        dir.path(),
+        "no_system.jinja",
         "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
          {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
-    )
-    .unwrap();
+    );
     let user_prefix = dir.path().join("user_prefix");
-    let o = gen(&user_prefix, &["--safety-rules", file.to_str().unwrap(), "--chat-template", tpl.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&gen(&user_prefix, &["--safety-rules", file.to_str().unwrap(), "--chat-template", tpl.to_str().unwrap()]));
     assert_eq!(json(&user_prefix.join("manifest.json"))["job"]["prompt"]["safety_rules"]["placement"], "user-prefix");
-    let m = LocalModel::load(model_s, &Device::Cpu, DType::F32).unwrap();
+    let m = LocalModel::load(&model, &Device::Cpu, DType::F32).unwrap();
     let p = Prompter::new(&m.prompt_format(), Some(&tpl), Some("RULES".into()), None).unwrap();
     assert!(!p.system_role());
     assert!(p.render("How do I X?").unwrap().starts_with("<|im_start|>user\nRULES\n\nHow do I X?<|im_end|>"));
@@ -277,8 +242,7 @@ fn adapters_are_recorded_by_hash_and_refused_on_a_gguf_base() {
         bsa(&a)
     };
     let out = dir.path().join("run");
-    let o = gen(&model, &out, &["--adapter", adapter.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&gen(&model, &out, &["--adapter", adapter.to_str().unwrap()]));
     let rec = &json(&out.join("manifest.json"))["job"]["model"]["adapter"];
     assert_eq!(rec["name"], "my-adapter");
     assert_eq!((rec["r"].as_u64(), rec["scale"].as_f64(), rec["merged_weights"].as_u64()), (Some(8), Some(2.0), Some(2)));
@@ -286,16 +250,15 @@ fn adapters_are_recorded_by_hash_and_refused_on_a_gguf_base() {
     assert_eq!(rec["files"][1]["sha256"], hex_sha256(&weights));
 
     // The same run without the adapter is refused, naming the field.
-    let o = gen(&model, &out, &[]);
-    assert!(!o.status.success() && stderr(&o).contains("job.model.adapter"), "{}", stderr(&o));
+    let e = fails(&gen(&model, &out, &[]));
+    assert!(e.contains("job.model.adapter"), "{e}");
 
     // A GGUF base: a clear refusal that says what to pass instead, and no run directory.
     let gguf_out = dir.path().join("gguf-run");
-    let o = gen(&gguf, &gguf_out, &["--adapter", adapter.to_str().unwrap()]);
-    let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("GGUF") && e.contains("Owner/Tiny") && e.contains("--model"), "{e}");
+    let e = fails(&gen(&gguf, &gguf_out, &["--adapter", adapter.to_str().unwrap()]));
+    assert!(e.contains("GGUF") && e.contains("Owner/Tiny") && e.contains("--model"), "{e}");
     assert!(!gguf_out.exists());
     // A missing adapter directory names it.
-    let o = gen(&model, &dir.path().join("r3"), &["--adapter", "/nonexistent/adapter"]);
-    assert!(stderr(&o).contains("/nonexistent/adapter") && stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+    let e = fails(&gen(&model, &dir.path().join("r3"), &["--adapter", "/nonexistent/adapter"]));
+    assert!(e.contains("/nonexistent/adapter") && e.contains("adapter_config.json"), "{e}");
 }

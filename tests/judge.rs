@@ -3,36 +3,18 @@
 //! judge settings are refused before anything is written.
 
 mod common;
-use common::smollm2;
-use std::process::{Command, Output};
-
-use serde_json::Value;
-
-fn bsa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::{bsa, fails, json, ok, records, smollm2_arg, temp_path, write_file};
 
 #[test]
 fn eval_generates_judges_and_scores_and_resumes() {
-    let Some(model) = smollm2() else { return };
-    let model = model.to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
+    let Some(model) = smollm2_arg() else { return };
+    let (dir, out) = temp_path("run");
     let out_s = out.to_str().unwrap();
-    let args = ["eval", "--model", model, "--judge", model, "--scenario", "RO,OS", "--limit", "3", "--samples", "2",
+    let args = ["eval", "--model", &model, "--judge", &model, "--scenario", "RO,OS", "--limit", "3", "--samples", "2",
         "--max-new-tokens", "12", "--judge-max-new-tokens", "40", "--judge-retries", "1", "--resamples", "50", "--quiet", "--out", out_s];
     let stdout = ok(&bsa(&args));
     assert!(stdout.contains("Think@1") && stdout.contains("Safe@1"), "{stdout}");
-    let verdicts: Vec<Value> = std::fs::read_to_string(out.join("verdicts.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let verdicts = records(&out.join("verdicts.jsonl"));
     assert_eq!(verdicts.len(), 6, "one verdict per sample");
     for v in &verdicts {
         assert!(v["raw_safety"].is_string() && v["raw_thinking"].is_string(), "{v}");
@@ -43,7 +25,7 @@ fn eval_generates_judges_and_scores_and_resumes() {
         // A label is one of the two, or null when the reply stayed unreadable.
         assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");
     }
-    let scores: Value = serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
+    let scores = json(&out.join("scores.json"));
     let card = scores.as_object().unwrap().values().next().unwrap();
     assert_eq!(card["think_at_1"], 0.0, "no thinking, no identified risk");
     assert_eq!(card["items"], 3);
@@ -55,49 +37,46 @@ fn eval_generates_judges_and_scores_and_resumes() {
     assert_eq!(std::fs::read_to_string(out.join("verdicts.jsonl")).unwrap(), before);
 
     // Another judge on the same run is refused, naming the field.
-    let o = bsa(&["judge", out_s, "--judge", model, "--judge-max-new-tokens", "41", "--quiet"]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("job.judge.max_new_tokens"), "{e}");
+    let e = fails(&bsa(&["judge", out_s, "--judge", &model, "--judge-max-new-tokens", "41", "--quiet"]));
+    assert!(e.contains("job.judge.max_new_tokens"), "{e}");
 
     // --judge-prefill: the same samples, judged with the reply started at the label's key.
     let pre = dir.path().join("prefilled");
     std::fs::create_dir(&pre).unwrap();
     std::fs::copy(out.join("samples.jsonl"), pre.join("samples.jsonl")).unwrap();
-    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let mut manifest = json(&out.join("manifest.json"));
     manifest["job"].as_object_mut().unwrap().remove("judge");
     std::fs::write(pre.join("manifest.json"), manifest.to_string()).unwrap();
     let pre_s = pre.to_str().unwrap();
-    ok(&bsa(&["judge", pre_s, "--judge", model, "--judge-prefill", "--judge-retries", "0", "--quiet"]));
-    let verdicts: Vec<Value> = std::fs::read_to_string(pre.join("verdicts.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    ok(&bsa(&["judge", pre_s, "--judge", &model, "--judge-prefill", "--judge-retries", "0", "--quiet"]));
+    let verdicts = records(&pre.join("verdicts.jsonl"));
     assert_eq!(verdicts.len(), 6);
     for v in &verdicts {
         let raw = v["raw_safety"].as_str().unwrap();
         assert!(raw.starts_with("{\"Safe_Ans_Check\": \""), "the reply starts at the label: {raw}");
         assert!(v["safety"].is_null() || v["safety"] == "Safe" || v["safety"] == "Unsafe", "{v}");
     }
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(pre.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["job"]["judge"]["reply_start"], "the label's JSON key");
+    assert_eq!(json(&pre.join("manifest.json"))["job"]["judge"]["reply_start"], "the label's JSON key");
 }
 
 #[test]
 fn bad_judge_settings_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
+    let (dir, run) = temp_path("run");
     std::fs::create_dir(&run).unwrap();
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-run/manifest.json"), run.join("manifest.json")).unwrap();
     let run_s = run.to_str().unwrap();
     // No samples yet.
-    let e = String::from_utf8_lossy(&bsa(&["judge", run_s]).stderr).into_owned();
+    let e = fails(&bsa(&["judge", run_s]));
     assert!(e.contains("no samples.jsonl") && e.contains("bsa generate"), "{e}");
     std::fs::write(run.join("samples.jsonl"), "").unwrap();
-    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge", "openai:gpt"]).stderr).into_owned();
+    let e = fails(&bsa(&["judge", run_s, "--judge", "openai:gpt"]));
     assert!(e.contains("--judge") && e.contains("openai:MODEL@BASE_URL"), "{e}");
-    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge", "openai:m@http://127.0.0.1:9/v1", "--judge-prefill"]).stderr).into_owned();
+    let e = fails(&bsa(&["judge", run_s, "--judge", "openai:m@http://127.0.0.1:9/v1", "--judge-prefill"]));
     assert!(e.contains("--judge-prefill") && e.contains("local"), "{e}");
     let prompts = dir.path().join("prompts");
     std::fs::create_dir(&prompts).unwrap();
-    std::fs::write(prompts.join("safety.txt"), "{query} {risk_summary} {answer}").unwrap();
-    let e = String::from_utf8_lossy(&bsa(&["judge", run_s, "--judge-prompts", prompts.to_str().unwrap()]).stderr).into_owned();
+    write_file(&prompts, "safety.txt", "{query} {risk_summary} {answer}");
+    let e = fails(&bsa(&["judge", run_s, "--judge-prompts", prompts.to_str().unwrap()]));
     assert!(e.contains("thinking_risk_omission.txt"), "{e}");
     assert!(!run.join("verdicts.jsonl").exists());
 }

@@ -465,30 +465,25 @@ c3,Harmless,sensitive but fine,Over Sensitivity,Pornography-Child Pornography\n"
 
     #[test]
     fn bad_inputs_name_file_line_field_and_value() {
-        let e = err_of("d.csv", b"");
-        assert!(e.contains("d.csv") && e.contains("empty"), "{e}");
-        let e = err_of("d.csv", b"id,query,dataset_name,label\nx,q,Risk Omission,Rumors-R\n");
-        assert!(e.contains("d.csv:1") && e.contains("`risk_summary`"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omision,Rumors-R\n");
-        assert!(e.contains("d.csv:2") && e.contains("dataset_name") && e.contains("\"Risk Omision\""), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\n,q,s,Risk Omission,Rumors-R\n");
-        assert!(e.contains("d.csv:2") && e.contains("`id` is empty"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx, ,s,Risk Omission,Rumors-R\n");
-        assert!(e.contains("d.csv:2") && e.contains("`query` is empty"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\nx,q2,s,Risk Omission,Rumors-R\n");
-        assert!(e.contains("d.csv:3") && e.contains("duplicate id \"x\"") && e.contains("line 2"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\ny,q\xff,s,Risk Omission,Rumors-R\n");
-        assert!(e.contains("d.csv:3") && e.contains("invalid UTF-8"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Cognitive Shortcut,Rumors-R\n");
-        assert!(e.contains("d.csv:2") && e.contains("needs 2"), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,NoDash\n");
-        assert!(e.contains("d.csv:2") && e.contains("\"NoDash\""), "{e}");
-        let e = err_of("d.csv", b"id,query,risk_summary,dataset_name,label\n");
-        assert!(e.contains("no items"), "{e}");
-        let e = err_of("d.jsonl", b"{\"id\":\"x\",\"query\":\"q\"}\n");
-        assert!(e.contains("d.jsonl:1") && e.contains("`risk_summary`"), "{e}");
-        let e = err_of("d.jsonl", b"{\"id\":\"x\",\n");
-        assert!(e.contains("d.jsonl:1") && e.contains("JSON"), "{e}");
+        // (file name, content, what the error must contain)
+        let cases: &[(&str, &[u8], &[&str])] = &[
+            ("d.csv", b"", &["d.csv", "empty"]),
+            ("d.csv", b"id,query,dataset_name,label\nx,q,Risk Omission,Rumors-R\n", &["d.csv:1", "`risk_summary`"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omision,Rumors-R\n", &["d.csv:2", "dataset_name", "\"Risk Omision\""]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\n,q,s,Risk Omission,Rumors-R\n", &["d.csv:2", "`id` is empty"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx, ,s,Risk Omission,Rumors-R\n", &["d.csv:2", "`query` is empty"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\nx,q2,s,Risk Omission,Rumors-R\n", &["d.csv:3", "duplicate id \"x\"", "line 2"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,Rumors-R\ny,q\xff,s,Risk Omission,Rumors-R\n", &["d.csv:3", "invalid UTF-8"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Cognitive Shortcut,Rumors-R\n", &["d.csv:2", "needs 2"]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\nx,q,s,Risk Omission,NoDash\n", &["d.csv:2", "\"NoDash\""]),
+            ("d.csv", b"id,query,risk_summary,dataset_name,label\n", &["no items"]),
+            ("d.jsonl", b"{\"id\":\"x\",\"query\":\"q\"}\n", &["d.jsonl:1", "`risk_summary`"]),
+            ("d.jsonl", b"{\"id\":\"x\",\n", &["d.jsonl:1", "JSON"]),
+        ];
+        for &(name, content, parts) in cases {
+            let e = err_of(name, content);
+            assert!(parts.iter().all(|p| e.contains(p)), "{name} {:?}: {e}", String::from_utf8_lossy(content));
+        }
     }
 
     #[test]

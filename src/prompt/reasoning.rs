@@ -170,10 +170,6 @@ fn join_nonempty(a: &str, b: &str) -> String {
 mod tests {
     use super::*;
 
-    fn split(raw: &str, c: &ThinkConvention) -> SplitCompletion {
-        split_completion(raw, c)
-    }
-
     fn sc(thinking: &str, response: &str, truncated: bool, tags: bool) -> SplitCompletion {
         SplitCompletion {
             thinking: thinking.to_string(),
@@ -195,173 +191,70 @@ mod tests {
     }
 
     #[test]
-    fn basic_open_and_close() {
-        let c = ThinkConvention::default();
-        assert_eq!(split("<think>a</think>b", &c), sc("a", "b", false, true));
-        assert_eq!(
-            split("<think>\nstep 1\nstep 2\n</think>\n\n  The answer.\n", &c),
-            sc("step 1\nstep 2", "The answer.", false, true)
-        );
-    }
-
-    #[test]
-    fn prefilled_output_has_only_close_tag() {
-        let c = ThinkConvention::deepseek_r1();
-        assert_eq!(split("a</think>b", &c), sc("a", "b", false, true));
-        assert_eq!(
-            split(
-                "Okay, the user asks...\n</think>\n\nI can't help with that.",
-                &c
-            ),
-            sc(
-                "Okay, the user asks...",
-                "I can't help with that.",
-                false,
-                true
-            )
-        );
-    }
-
-    #[test]
-    fn prefilled_but_model_repeats_open_tag() {
-        let c = ThinkConvention::deepseek_r1();
-        assert_eq!(split("<think>\na</think>b", &c), sc("a", "b", false, true));
-        assert_eq!(split("  <think>a</think>b", &c), sc("a", "b", false, true));
-    }
-
-    #[test]
-    fn whitespace_before_open_is_dropped() {
-        let c = ThinkConvention::qwen3();
-        assert_eq!(
-            split("\n\n<think>a</think>b", &c),
-            sc("a", "b", false, true)
-        );
-    }
-
-    #[test]
-    fn text_before_open_is_kept_in_response() {
-        let c = ThinkConvention::qwen3();
-        assert_eq!(
-            split("Sure.<think>a</think>Here it is.", &c),
-            sc("a", "Sure.\n\nHere it is.", false, true)
-        );
-        // Only prefix text and nothing after the block.
-        assert_eq!(
-            split("Sure. <think>a</think>  ", &c),
-            sc("a", "Sure.", false, true)
-        );
-    }
-
-    #[test]
-    fn unclosed_think_is_truncated() {
-        let c = ThinkConvention::qwen3();
-        assert_eq!(
-            split("<think>a... and then b", &c),
-            sc("a... and then b", "", true, true)
-        );
-        // Prefix text survives even when the block never closes.
-        assert_eq!(split("Hi <think>a", &c), sc("a", "Hi", true, true));
-    }
-
-    #[test]
-    fn prefilled_without_close_is_all_thinking() {
-        let c = ThinkConvention::deepseek_r1();
-        assert_eq!(
-            split("Let me think about this request for a long", &c),
-            sc(
-                "Let me think about this request for a long",
-                "",
-                true,
-                false
-            )
-        );
-        // An empty completion is an (empty) unclosed block too.
-        assert_eq!(split("", &c), sc("", "", true, false));
-    }
-
-    #[test]
-    fn no_tags_non_prefilled_is_all_response() {
-        let c = ThinkConvention::default();
-        assert_eq!(
-            split("  Just an answer.\n", &c),
-            sc("", "Just an answer.", false, false)
-        );
-        assert_eq!(split("", &c), sc("", "", false, false));
-    }
-
-    #[test]
-    fn empty_think_block_qwen3_non_thinking() {
-        let c = ThinkConvention::qwen3();
-        assert_eq!(
-            split("<think>\n\n</think>\n\nAnswer", &c),
-            sc("", "Answer", false, true)
-        );
-    }
-
-    #[test]
-    fn second_tags_stay_in_response() {
-        let c = ThinkConvention::default();
-        assert_eq!(
-            split("<think>a</think>b</think>c", &c),
-            sc("a", "b</think>c", false, true)
-        );
-        assert_eq!(
-            split("<think>a</think>b<think>c</think>d", &c),
-            sc("a", "b<think>c</think>d", false, true)
-        );
-        let p = ThinkConvention::deepseek_r1();
-        assert_eq!(
-            split("a</think>b</think>c", &p),
-            sc("a", "b</think>c", false, true)
-        );
-    }
-
-    #[test]
-    fn close_without_open_on_non_prefilled_still_splits() {
-        // The template pre-filled `<think>` but the caller picked a
-        // non-prefilled convention: reasoning must not leak into the response.
-        let c = ThinkConvention::default();
-        assert_eq!(split("a\n</think>\n\nb", &c), sc("a", "b", false, true));
-    }
-
-    #[test]
-    fn case_variants_are_not_tags() {
-        let c = ThinkConvention::default();
-        assert_eq!(
-            split("<Think>a</Think>b", &c),
-            sc("", "<Think>a</Think>b", false, false)
-        );
-        // Mixed: a real open tag with a wrong-case close never closes.
-        assert_eq!(
-            split("<think>a</THINK>b", &c),
-            sc("a</THINK>b", "", true, true)
-        );
-    }
-
-    #[test]
-    fn custom_tags() {
-        let c = ThinkConvention {
+    fn split_cases() {
+        let plain = ThinkConvention::default();
+        let r1 = ThinkConvention::deepseek_r1();
+        let qwen3 = ThinkConvention::qwen3();
+        let reasoning = ThinkConvention {
             open: "<reasoning>".into(),
             close: "</reasoning>".into(),
             prefilled_open: false,
         };
-        assert_eq!(
-            split("<reasoning>x</reasoning>y", &c),
-            sc("x", "y", false, true)
-        );
-        assert_eq!(
-            split("<think>x</think>y", &c),
-            sc("", "<think>x</think>y", false, false)
-        );
-    }
-
-    #[test]
-    fn multibyte_text_is_sliced_safely() {
-        let c = ThinkConvention::deepseek_r1();
-        assert_eq!(
-            split("思考中…</think>答案：不行。", &c),
-            sc("思考中…", "答案：不行。", false, true)
-        );
+        // (convention, raw completion, expected thinking, response, truncated_thinking, had_think_tags)
+        #[rustfmt::skip]
+        let cases = [
+            // Basic open and close.
+            (&plain, "<think>a</think>b", "a", "b", false, true),
+            (&plain, "<think>\nstep 1\nstep 2\n</think>\n\n  The answer.\n", "step 1\nstep 2", "The answer.", false, true),
+            // Pre-filled: the output has only the closing tag.
+            (&r1, "a</think>b", "a", "b", false, true),
+            (&r1, "Okay, the user asks...\n</think>\n\nI can't help with that.", "Okay, the user asks...", "I can't help with that.", false, true),
+            // Pre-filled, but the model repeats the opening tag anyway.
+            (&r1, "<think>\na</think>b", "a", "b", false, true),
+            (&r1, "  <think>a</think>b", "a", "b", false, true),
+            // Whitespace before the opening tag is dropped.
+            (&qwen3, "\n\n<think>a</think>b", "a", "b", false, true),
+            // Text before the opening tag is kept in the response.
+            (&qwen3, "Sure.<think>a</think>Here it is.", "a", "Sure.\n\nHere it is.", false, true),
+            // Only prefix text and nothing after the block.
+            (&qwen3, "Sure. <think>a</think>  ", "a", "Sure.", false, true),
+            // An unclosed think block is truncated thinking.
+            (&qwen3, "<think>a... and then b", "a... and then b", "", true, true),
+            // Prefix text survives even when the block never closes.
+            (&qwen3, "Hi <think>a", "a", "Hi", true, true),
+            // Pre-filled without a closing tag: all thinking.
+            (&r1, "Let me think about this request for a long", "Let me think about this request for a long", "", true, false),
+            // An empty completion is an (empty) unclosed block too.
+            (&r1, "", "", "", true, false),
+            // No tags and not pre-filled: all response.
+            (&plain, "  Just an answer.\n", "", "Just an answer.", false, false),
+            (&plain, "", "", "", false, false),
+            // Qwen3 with thinking off: an empty think block.
+            (&qwen3, "<think>\n\n</think>\n\nAnswer", "", "Answer", false, true),
+            // A second closing or opening tag stays in the response.
+            (&plain, "<think>a</think>b</think>c", "a", "b</think>c", false, true),
+            (&plain, "<think>a</think>b<think>c</think>d", "a", "b<think>c</think>d", false, true),
+            (&r1, "a</think>b</think>c", "a", "b</think>c", false, true),
+            // The template pre-filled `<think>` but the caller picked a non-prefilled
+            // convention: reasoning must not leak into the response.
+            (&plain, "a\n</think>\n\nb", "a", "b", false, true),
+            // Case variants are not tags.
+            (&plain, "<Think>a</Think>b", "", "<Think>a</Think>b", false, false),
+            // Mixed: a real open tag with a wrong-case close never closes.
+            (&plain, "<think>a</THINK>b", "a</THINK>b", "", true, true),
+            // Custom tags, and `<think>` is plain text under them.
+            (&reasoning, "<reasoning>x</reasoning>y", "x", "y", false, true),
+            (&reasoning, "<think>x</think>y", "", "<think>x</think>y", false, false),
+            // Multibyte text is sliced safely.
+            (&r1, "思考中…</think>答案：不行。", "思考中…", "答案：不行。", false, true),
+        ];
+        for (c, raw, thinking, response, truncated, tags) in cases {
+            assert_eq!(
+                split_completion(raw, c),
+                sc(thinking, response, truncated, tags),
+                "{raw:?} with {c:?}"
+            );
+        }
     }
 
     #[test]

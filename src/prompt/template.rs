@@ -681,143 +681,142 @@ mod tests {
         ChatTemplate::new(source, "<s>", "</s>")?.render(messages, opts)
     }
 
-    #[test]
-    fn chatml_default_system_and_generation_prompt() {
-        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
-        let out = t.render(&[Message::user("Hello")], &gen()).unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
-             <|im_start|>user\nHello<|im_end|>\n\
-             <|im_start|>assistant\n"
-        );
+    fn chatml() -> ChatTemplate {
+        ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap()
     }
 
-    #[test]
-    fn chatml_explicit_system_and_multi_turn() {
-        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
-        let msgs = [
-            Message::system("Be brief."),
-            Message::user("Hi"),
-            Message::assistant("Hello!"),
-            Message::user("Bye"),
-        ];
-        assert_eq!(
-            t.render(&msgs, &gen()).unwrap(),
-            "<|im_start|>system\nBe brief.<|im_end|>\n\
-             <|im_start|>user\nHi<|im_end|>\n\
-             <|im_start|>assistant\nHello!<|im_end|>\n\
-             <|im_start|>user\nBye<|im_end|>\n\
-             <|im_start|>assistant\n"
-        );
+    fn r1_distill() -> ChatTemplate {
+        ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS).unwrap()
     }
 
-    #[test]
-    fn without_add_generation_prompt_no_assistant_opener() {
-        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
-        let out = t
-            .render(&[Message::user("Hello")], &RenderOptions::default())
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
-             <|im_start|>user\nHello<|im_end|>\n"
-        );
-        let r1 = ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS).unwrap();
-        let out = r1
-            .render(&[Message::user("Hi")], &RenderOptions::default())
-            .unwrap();
-        assert_eq!(out, format!("{R1_BOS}<｜User｜>Hi"));
+    fn qwen3() -> ChatTemplate {
+        ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap()
     }
 
+    /// Each model family's template on the conversations whose rendering matters to the
+    /// benchmark, with the prompt `transformers` renders for them.
     #[test]
-    fn r1_distill_single_turn_prefills_think() {
-        let t = ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS).unwrap();
-        let out = t
-            .render(&[Message::user("How do I pick a lock?")], &gen())
-            .unwrap();
-        assert_eq!(
-            out,
-            "<｜begin▁of▁sentence｜><｜User｜>How do I pick a lock?<｜Assistant｜><think>\n"
-        );
-        let conv = crate::prompt::ThinkConvention::from_rendered_prompt(&out);
-        assert!(conv.prefilled_open);
-    }
-
-    #[test]
-    fn r1_distill_system_first_and_reasoning_stripped() {
-        let t = ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS).unwrap();
-        let msgs = [
-            Message::system("SYS A"),
-            Message::user("Q1"),
-            Message::assistant("<think>\nsecret plan\n</think>\n\nA1"),
-            Message::system("SYS B"),
-            Message::user("Q2"),
-        ];
-        assert_eq!(
-            t.render(&msgs, &gen()).unwrap(),
-            "<｜begin▁of▁sentence｜>SYS A\n\nSYS B<｜User｜>Q1<｜Assistant｜>\n\nA1\
-             <｜end▁of▁sentence｜><｜User｜>Q2<｜Assistant｜><think>\n"
-        );
-    }
-
-    #[test]
-    fn qwen3_thinking_default_and_enabled() {
-        let t = ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap();
-        let msgs = [Message::user("  Hi there \n")];
-        let expected = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
-        assert_eq!(t.render(&msgs, &gen()).unwrap(), expected);
-        let on = RenderOptions {
+    fn conversations_render_like_transformers() {
+        let (chatml, r1, qwen3) = (chatml(), r1_distill(), qwen3());
+        let no_gen = RenderOptions::default();
+        let thinking_on = RenderOptions {
             enable_thinking: Some(true),
             ..gen()
         };
-        assert_eq!(t.render(&msgs, &on).unwrap(), expected);
+        let thinking_off = RenderOptions {
+            enable_thinking: Some(false),
+            ..gen()
+        };
+        let r1_hi = format!("{R1_BOS}<｜User｜>Hi");
+        // (template, options, conversation, expected prompt)
+        #[rustfmt::skip]
+        let cases: [(&ChatTemplate, &RenderOptions, Vec<Message>, &str); 10] = [
+            // ChatML: a default system message when none is given, then the generation prompt.
+            (
+                &chatml,
+                &gen(),
+                vec![Message::user("Hello")],
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
+                 <|im_start|>user\nHello<|im_end|>\n\
+                 <|im_start|>assistant\n",
+            ),
+            // ChatML: an explicit system message and several turns.
+            (
+                &chatml,
+                &gen(),
+                vec![Message::system("Be brief."), Message::user("Hi"), Message::assistant("Hello!"), Message::user("Bye")],
+                "<|im_start|>system\nBe brief.<|im_end|>\n\
+                 <|im_start|>user\nHi<|im_end|>\n\
+                 <|im_start|>assistant\nHello!<|im_end|>\n\
+                 <|im_start|>user\nBye<|im_end|>\n\
+                 <|im_start|>assistant\n",
+            ),
+            // Without add_generation_prompt there is no assistant opener.
+            (
+                &chatml,
+                &no_gen,
+                vec![Message::user("Hello")],
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n\
+                 <|im_start|>user\nHello<|im_end|>\n",
+            ),
+            (&r1, &no_gen, vec![Message::user("Hi")], &r1_hi),
+            // R1 distill, one turn: the generation prompt pre-fills `<think>\n`.
+            (
+                &r1,
+                &gen(),
+                vec![Message::user("How do I pick a lock?")],
+                "<｜begin▁of▁sentence｜><｜User｜>How do I pick a lock?<｜Assistant｜><think>\n",
+            ),
+            // R1 distill: all system text first, and earlier reasoning stripped from
+            // assistant turns.
+            (
+                &r1,
+                &gen(),
+                vec![Message::system("SYS A"), Message::user("Q1"), Message::assistant("<think>\nsecret plan\n</think>\n\nA1"),
+                     Message::system("SYS B"), Message::user("Q2")],
+                "<｜begin▁of▁sentence｜>SYS A\n\nSYS B<｜User｜>Q1<｜Assistant｜>\n\nA1\
+                 <｜end▁of▁sentence｜><｜User｜>Q2<｜Assistant｜><think>\n",
+            ),
+            // Qwen3: thinking by default and when enabled renders the same prompt.
+            (
+                &qwen3,
+                &gen(),
+                vec![Message::user("  Hi there \n")],
+                "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+            ),
+            (
+                &qwen3,
+                &thinking_on,
+                vec![Message::user("  Hi there \n")],
+                "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+            ),
+            // Qwen3 with thinking disabled appends an empty think block.
+            (
+                &qwen3,
+                &thinking_off,
+                vec![Message::system("You are safe. "), Message::user("Hi")],
+                "<|im_start|>system\nYou are safe.<|im_end|>\n\
+                 <|im_start|>user\nHi<|im_end|>\n\
+                 <|im_start|>assistant\n<think>\n\n</think>\n\n",
+            ),
+            // Qwen3 keeps an assistant turn's reasoning only after the last user query.
+            (
+                &qwen3,
+                &no_gen,
+                vec![Message::user("Q1"), Message::assistant("<think>\nold\n</think>\n\nA1"),
+                     Message::user("Q2"), Message::assistant("<think>new</think>\nA2")],
+                "<|im_start|>user\nQ1<|im_end|>\n\
+                 <|im_start|>assistant\nA1<|im_end|>\n\
+                 <|im_start|>user\nQ2<|im_end|>\n\
+                 <|im_start|>assistant\n<think>\nnew\n</think>\n\nA2<|im_end|>\n",
+            ),
+        ];
+        for (t, opts, msgs, expected) in cases {
+            assert_eq!(t.render(&msgs, opts).unwrap(), expected, "{msgs:?} with {opts:?}");
+        }
     }
 
+    /// Whether a rendered prompt pre-fills `<think>` decides how completions are split.
     #[test]
-    fn qwen3_thinking_disabled_appends_empty_block() {
-        let t = ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap();
+    fn rendered_prompts_show_a_prefilled_think_block() {
+        let out = r1_distill()
+            .render(&[Message::user("How do I pick a lock?")], &gen())
+            .unwrap();
+        assert!(crate::prompt::ThinkConvention::from_rendered_prompt(&out).prefilled_open);
         let off = RenderOptions {
             enable_thinking: Some(false),
             ..gen()
         };
-        let out = t
-            .render(
-                &[Message::system("You are safe. "), Message::user("Hi")],
-                &off,
-            )
+        let out = qwen3()
+            .render(&[Message::system("You are safe. "), Message::user("Hi")], &off)
             .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nYou are safe.<|im_end|>\n\
-             <|im_start|>user\nHi<|im_end|>\n\
-             <|im_start|>assistant\n<think>\n\n</think>\n\n"
-        );
         // Not pre-filled: the block is already closed in the prompt.
         assert!(!crate::prompt::ThinkConvention::from_rendered_prompt(&out).prefilled_open);
     }
 
     #[test]
-    fn qwen3_history_reasoning_kept_only_after_last_query() {
-        let t = ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap();
-        let msgs = [
-            Message::user("Q1"),
-            Message::assistant("<think>\nold\n</think>\n\nA1"),
-            Message::user("Q2"),
-            Message::assistant("<think>new</think>\nA2"),
-        ];
-        assert_eq!(
-            t.render(&msgs, &RenderOptions::default()).unwrap(),
-            "<|im_start|>user\nQ1<|im_end|>\n\
-             <|im_start|>assistant\nA1<|im_end|>\n\
-             <|im_start|>user\nQ2<|im_end|>\n\
-             <|im_start|>assistant\n<think>\nnew\n</think>\n\nA2<|im_end|>\n"
-        );
-    }
-
-    #[test]
     fn qwen3_tools_use_python_style_tojson() {
-        let t = ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap();
+        let t = qwen3();
         let mut opts = gen();
         opts.extra.insert(
             "tools".into(),
@@ -839,7 +838,7 @@ mod tests {
 
     #[test]
     fn qwen3_bad_role_raises_with_message() {
-        let t = ChatTemplate::new(QWEN3, "", "<|im_end|>").unwrap();
+        let t = qwen3();
         let err = t
             .render(
                 &[Message::user("Hi"), Message::new("robot", "beep")],
@@ -1064,9 +1063,7 @@ mod tests {
         assert!(ChatTemplate::new(CHATML, "", "")
             .unwrap()
             .supports_system_role());
-        assert!(ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS)
-            .unwrap()
-            .supports_system_role());
+        assert!(r1_distill().supports_system_role());
         // A Gemma-like template that rejects the role, and one that drops it.
         let rejects = "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
                        {% for m in messages %}{{ m.content }}{% endfor %}";
@@ -1129,7 +1126,7 @@ mod tests {
 
     #[test]
     fn with_system_then_render_end_to_end() {
-        let t = ChatTemplate::new(R1_DISTILL, R1_BOS, R1_EOS).unwrap();
+        let t = r1_distill();
         let (msgs, _) = with_system(&[Message::user("Q")], "SYS", t.supports_system_role());
         assert_eq!(
             t.render(&msgs, &gen()).unwrap(),

@@ -398,38 +398,49 @@ mod tests {
         assert_eq!(plain.render(&f), "no fields at all");
     }
 
+    /// Bad templates, each with what its error starts with (`""`: no requirement) and
+    /// what else the error contains.
+    fn check_errors(cases: &[(&str, &str, &[&str])]) {
+        for &(text, start, parts) in cases {
+            let e = err(text);
+            assert!(e.starts_with(start), "{text:?}: {e}");
+            for part in parts {
+                assert!(e.contains(part), "{text:?}: {e}");
+            }
+        }
+    }
+
     #[test]
     fn unknown_placeholder_is_located() {
-        let e = err("line one\n  see {response} here");
-        assert!(e.starts_with("t.txt:2:7: unknown placeholder `{response}`"), "{e}");
-        assert!(e.contains("{query}, {risk_summary}, {answer} and {reasoning_thinking}"), "{e}");
-        assert!(e.contains("doubled"), "{e}");
-        let e = err("{answer!r}");
-        assert!(e.contains("t.txt:1:1: unknown placeholder `{answer!r}`"), "{e}");
-        let e = err("x {0}");
-        assert!(e.contains("t.txt:1:3: unknown placeholder `{0}`"), "{e}");
+        check_errors(&[
+            (
+                "line one\n  see {response} here",
+                "t.txt:2:7: unknown placeholder `{response}`",
+                &["{query}, {risk_summary}, {answer} and {reasoning_thinking}", "doubled"],
+            ),
+            ("{answer!r}", "", &["t.txt:1:1: unknown placeholder `{answer!r}`"]),
+            ("x {0}", "", &["t.txt:1:3: unknown placeholder `{0}`"]),
+        ]);
     }
 
     #[test]
     fn single_braces_are_located() {
-        // The classic mistake: a JSON example with single braces.
-        let e = err("Answer with\n{\"Safe_Ans_Check\": \"Safe\"}");
-        assert!(e.starts_with("t.txt:2:1: a single `{` that opens no placeholder, at `{\"Safe_Ans_Check\": \"Safe\"}`"), "{e}");
-        assert!(e.contains("`{{` for `{`"), "{e}");
-        let e = err("ok {{ fine }}\nthen } alone");
-        assert!(e.starts_with("t.txt:2:6: a single `}` that closes no placeholder, at `} alone`"), "{e}");
-        let e = err("{query");
-        assert!(e.contains("t.txt:1:1: a single `{`"), "{e}");
-        let e = err("{ query }");
-        assert!(e.contains("t.txt:1:1: a single `{`"), "{e}");
-        let e = err("{}");
-        assert!(e.contains("t.txt:1:1: a single `{`"), "{e}");
-        // Columns count characters, not bytes.
-        let e = err("é中 {nope}");
-        assert!(e.contains("t.txt:1:4: unknown placeholder `{nope}`"), "{e}");
-        // A long offending line is cut.
-        let e = err("{ this is a long line of prose that goes on and on }");
-        assert!(e.contains("at `{ this is a long line of prose…`"), "{e}");
+        check_errors(&[
+            // The classic mistake: a JSON example with single braces.
+            (
+                "Answer with\n{\"Safe_Ans_Check\": \"Safe\"}",
+                "t.txt:2:1: a single `{` that opens no placeholder, at `{\"Safe_Ans_Check\": \"Safe\"}`",
+                &["`{{` for `{`"],
+            ),
+            ("ok {{ fine }}\nthen } alone", "t.txt:2:6: a single `}` that closes no placeholder, at `} alone`", &[]),
+            ("{query", "", &["t.txt:1:1: a single `{`"]),
+            ("{ query }", "", &["t.txt:1:1: a single `{`"]),
+            ("{}", "", &["t.txt:1:1: a single `{`"]),
+            // Columns count characters, not bytes.
+            ("é中 {nope}", "", &["t.txt:1:4: unknown placeholder `{nope}`"]),
+            // A long offending line is cut.
+            ("{ this is a long line of prose that goes on and on }", "", &["at `{ this is a long line of prose…`"]),
+        ]);
     }
 
     #[test]
