@@ -140,9 +140,7 @@ pub struct ChatChoice {
     #[serde(default)]
     pub content: String,
     /// `reasoning_content` (DeepSeek, vLLM) or `reasoning` (newer vLLM, OpenRouter).
-    #[serde(default)]
     pub reasoning: Option<String>,
-    #[serde(default)]
     pub finish_reason: Option<String>,
 }
 
