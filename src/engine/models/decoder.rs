@@ -10,14 +10,15 @@
 //! ```
 //!
 //! with grouped-query attention over the paged KV cache. What differs between
-//! architectures is an [`ArchSpec`] (biases, the per-head q/k norm, the GGUF rotary layout)
-//! and the [`ModelConfig`] (sizes, RoPE base and scaling, tied embeddings); compare
-//! transformers' `modeling_llama.py`, `modeling_qwen2.py` and `modeling_qwen3.py`.
+//! architectures is an [`ArchSpec`](super::ArchSpec) (biases, the per-head q/k norm, the
+//! GGUF rotary layout) and the [`ModelConfig`] (sizes, RoPE base and scaling, tied
+//! embeddings); compare transformers' `modeling_llama.py`, `modeling_qwen2.py` and
+//! `modeling_qwen3.py`.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::{ArchSpec, CausalLM};
+use super::CausalLM;
 use crate::engine::attention::PagedAttention;
 use crate::engine::batch::{BatchCtx, BatchInput};
 use crate::engine::config::ModelConfig;
@@ -45,13 +46,8 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(
-        cfg: &ModelConfig,
-        spec: &ArchSpec,
-        src: &mut WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    fn load(cfg: &ModelConfig, src: &mut WeightSource, layer: usize) -> Result<Self> {
+        let (h, d, spec) = (cfg.hidden_size, cfg.head_dim, cfg.arch.spec());
         let (qkv_bias, o_bias) = spec.biases.qkv_and_o(cfg.attention_bias);
         let q_proj = src.linear(W::Q(layer), h, cfg.num_heads * d, qkv_bias)?;
         let k_proj = src.linear(W::K(layer), h, cfg.num_kv_heads * d, qkv_bias)?;
@@ -119,16 +115,11 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(
-        cfg: &ModelConfig,
-        spec: &ArchSpec,
-        src: &mut WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
+    fn load(cfg: &ModelConfig, src: &mut WeightSource, layer: usize) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: src.norm(W::AttnNorm(layer), h, eps)?,
-            self_attn: Attention::load(cfg, spec, src, layer)?,
+            self_attn: Attention::load(cfg, src, layer)?,
             post_attention_layernorm: src.norm(W::FfnNorm(layer), h, eps)?,
             mlp: SwiGluMlp::new(
                 src.linear(W::Gate(layer), h, i, false)?,
@@ -165,19 +156,16 @@ pub struct Decoder {
 impl Decoder {
     /// Loads the weights of `cfg`'s architecture from `src`.
     pub(crate) fn load(cfg: &ModelConfig, src: &mut WeightSource) -> Result<Self> {
-        let spec = cfg.arch.spec();
         let embed = src.embedding(cfg)?;
         let layers = (0..cfg.num_layers)
-            .map(|i| {
-                DecoderLayer::load(cfg, spec, src, i).with_context(|| format!("loading layer {i}"))
-            })
+            .map(|i| DecoderLayer::load(cfg, src, i).with_context(|| format!("loading layer {i}")))
             .collect::<Result<Vec<_>>>()?;
         let norm = src.norm(W::FinalNorm, cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = src.lm_head(cfg, &embed)?;
         let freq_factors = src.rope_freq_factors()?;
         let rope = RotaryEmbedding::new(
             cfg,
-            src.rope_layout(spec.gguf_rope_layout),
+            src.rope_layout(cfg.arch.spec().gguf_rope_layout),
             freq_factors.as_deref(),
         )?;
         Ok(Self {
