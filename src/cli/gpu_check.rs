@@ -20,8 +20,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde_json::{json, Value};
 
+use bsa::engine::batch::{BatchInput, SeqInput};
+use bsa::engine::config::ModelConfig;
 use bsa::engine::kv_cache::{BlockTable, KvCache};
-use bsa::engine::models::{self, BatchInput, ModelConfig, SeqInput};
+use bsa::engine::models;
 use bsa::engine::sampler::radix::{self, Drawn};
 use bsa::analysis::stats::{chi_square_p_value, chi_square_stat};
 use bsa::engine::sampler::{cpu, SamplingParams, StreamKey};

@@ -17,7 +17,7 @@ use std::fmt;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::models::ModelConfig;
+use super::config::ModelConfig;
 
 /// The paged K/V storage of one model, plus the block allocator.
 pub struct KvCache {
@@ -416,7 +416,7 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::models::{Architecture, ModelConfig};
+    use crate::engine::config::{Architecture, ModelConfig};
 
     fn cfg() -> ModelConfig {
         ModelConfig {

@@ -12,7 +12,8 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::models::{self, Architecture, CausalLM, ModelConfig};
+use super::config::{Architecture, ModelConfig};
+use super::models::{self, CausalLM};
 use super::tokenizer;
 
 /// A file the model was loaded from, with its content hash.

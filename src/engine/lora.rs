@@ -292,7 +292,9 @@ pub fn write_adapter(dir: &Path, config: Value, factors: &HashMap<String, Tensor
 mod tests {
     use super::*;
     use crate::engine::kv_cache::{BlockTable, KvCache};
-    use crate::engine::models::{load_safetensors, BatchInput, ModelConfig, SeqInput};
+    use crate::engine::batch::{BatchInput, SeqInput};
+    use crate::engine::config::{Architecture, ModelConfig};
+    use crate::engine::models::{load_safetensors, CausalLM};
     use serde_json::json;
 
     const H: usize = 64;
@@ -350,12 +352,12 @@ mod tests {
             put(p("mlp.gate_proj.weight"), &[I, H], 0.15, false);
             put(p("mlp.up_proj.weight"), &[I, H], 0.15, false);
             put(p("mlp.down_proj.weight"), &[H, I], 0.1, false);
-            if cfg.arch == crate::engine::models::Architecture::Qwen2 {
+            if cfg.arch == Architecture::Qwen2 {
                 for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                     put(p(&format!("self_attn.{n}.bias")), &[o], 0.2, false);
                 }
             }
-            if cfg.arch == crate::engine::models::Architecture::Qwen3 {
+            if cfg.arch == Architecture::Qwen3 {
                 put(p("self_attn.q_norm.weight"), &[cfg.head_dim], 0.0, true);
                 put(p("self_attn.k_norm.weight"), &[cfg.head_dim], 0.0, true);
             }
@@ -382,7 +384,7 @@ mod tests {
 
     /// Logits of one 9-token prompt (every position's row is not needed: the last one
     /// depends on all weights of all layers).
-    fn logits(model: &dyn crate::engine::models::CausalLM, cfg: &ModelConfig) -> Vec<f32> {
+    fn logits(model: &dyn CausalLM, cfg: &ModelConfig) -> Vec<f32> {
         let mut cache = KvCache::new(cfg, 4, 16, DType::F32, &Device::Cpu).unwrap();
         let toks: Vec<u32> = vec![3, 17, 250, 9, 41, 41, 120, 7, 299];
         let mut table = BlockTable::new();

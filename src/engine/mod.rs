@@ -7,7 +7,11 @@
 //!
 //! - [`load`]: a model from a GGUF file or a Hugging Face directory ([`lora`] merges a
 //!   PEFT adapter into the weights), the device and dtype.
-//! - [`models`]: the batched decoder (Llama, Qwen2, Qwen3) over a flat batch of tokens.
+//! - [`config`]: architectures and hyper-parameters, from `config.json` or GGUF metadata.
+//! - [`models`]: the batched decoder (one for Llama, Qwen2 and Qwen3; a file per
+//!   architecture says what differs), built from [`weights`] (safetensors or GGUF) out of
+//!   [`layers`] (projections, RMSNorm, SwiGLU, RoPE).
+//! - [`batch`]: the flat batch a forward runs over (no padding) and its per-forward context.
 //! - [`attention`], [`quant`]: the hot paths: paged attention, quantized matmuls.
 //! - [`kv_cache`]: the paged KV cache (block pool, block tables, copy-on-write forks).
 //! - [`scheduler`]: continuous batching: admit, prefill, decode, sample, retire.
@@ -15,7 +19,10 @@
 //! - [`tokenizer`]: tokenizers from GGUF metadata, prompt tokenization.
 
 pub mod attention;
+pub mod batch;
+pub mod config;
 pub mod kv_cache;
+pub mod layers;
 pub mod load;
 pub mod lora;
 pub mod models;
@@ -23,3 +30,4 @@ pub mod quant;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod weights;

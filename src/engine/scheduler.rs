@@ -13,8 +13,9 @@ use std::collections::VecDeque;
 
 use anyhow::{bail, Result};
 
+use super::batch::{BatchInput, SeqInput};
 use super::kv_cache::{BlockTable, KvCache};
-use super::models::{BatchInput, CausalLM, SeqInput};
+use super::models::CausalLM;
 use crate::engine::sampler::device::sample_logits;
 use crate::engine::sampler::{SamplingParams, StreamKey};
 

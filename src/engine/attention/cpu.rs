@@ -524,7 +524,7 @@ mod tests {
                 .unwrap();
             let mut att = (qs.matmul(&ks.t().unwrap()).unwrap() * dims.scale as f64).unwrap();
             if s.len > 1 {
-                let mask = crate::engine::models::causal_mask(start, s.len, &dev).unwrap();
+                let mask = crate::engine::attention::causal_mask(start, s.len, &dev).unwrap();
                 att = att
                     .reshape((hk, group, s.len, kv_len))
                     .unwrap()

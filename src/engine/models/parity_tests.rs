@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use candle_transformers::models::{llama, quantized_llama, qwen2, qwen3};
 
-use super::*;
+use super::{load_gguf, load_safetensors, CausalLM};
+use crate::engine::batch::{BatchInput, SeqInput};
+use crate::engine::config::{Architecture, ModelConfig, RopeScaling};
 use crate::engine::kv_cache::{BlockTable, KvCache};
 
 const TOL_F32: f32 = 1e-4;
