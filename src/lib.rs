@@ -37,5 +37,3 @@ pub mod store;
 pub mod analysis;
 pub mod pipeline;
 pub mod serve;
-#[cfg(test)]
-pub(crate) mod test_rng;

@@ -19,7 +19,7 @@ use candle_core::{DType, Device};
 /// The real model, or None with a loud note (CI sets BSA_REQUIRE_MODEL=1 to fail instead).
 fn sample_prompts(m: &LocalModel, n: usize) -> Vec<Vec<u32>> {
     let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
-    let prompter = Prompter::new(&m.prompt_format(), None, None, None).unwrap();
+    let prompter = Prompter::new(&m.prompt_format(), &Default::default()).unwrap();
     ds.items.iter().take(n).map(|it| m.loaded.tokenize_prompt(&prompter.render(&it.query).unwrap()).unwrap()).collect()
 }
 

@@ -12,8 +12,8 @@ use bsa::backends::local::{LocalModel, LocalOptions};
 use bsa::data::Selection;
 use bsa::engine::{lora, tokenizer};
 use bsa::pipeline::decoding::{DecodingGrid, DecodingOverrides};
-use bsa::pipeline::generate::{self as generation, GenerateOptions, PromptOptions};
-use bsa::prompt::Prompter;
+use bsa::pipeline::generate::{self as generation, GenerateOptions};
+use bsa::prompt::{PromptSettings, Prompter};
 use bsa::records::{hex_sha256, Decoding};
 use bsa::store::OnExisting;
 use candle_core::{DType, Device, Tensor};
@@ -28,7 +28,8 @@ fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOpt
         samples: 2,
         seed: 3,
         decoding: DecodingOverrides { max_new_tokens: Some(6), ..decoding },
-        prompt: PromptOptions::default(),
+        prompt: PromptSettings::default(),
+        safety_rules: None,
         out: out.to_path_buf(),
         on_existing: OnExisting::Resume,
         progress: false,
@@ -184,7 +185,8 @@ fn safety_rules_go_before_the_query_are_recorded_and_never_mixed() {
     ok(&gen(&user_prefix, &["--safety-rules", file.to_str().unwrap(), "--chat-template", tpl.to_str().unwrap()]));
     assert_eq!(json(&user_prefix.join("manifest.json"))["job"]["prompt"]["safety_rules"]["placement"], "user-prefix");
     let m = LocalModel::load(&model, &Device::Cpu, DType::F32).unwrap();
-    let p = Prompter::new(&m.prompt_format(), Some(&tpl), Some("RULES".into()), None).unwrap();
+    let settings = PromptSettings { chat_template: Some(tpl.clone()), system: Some("RULES".into()), ..Default::default() };
+    let p = Prompter::new(&m.prompt_format(), &settings).unwrap();
     assert!(!p.system_role());
     assert!(p.render("How do I X?").unwrap().starts_with("<|im_start|>user\nRULES\n\nHow do I X?<|im_end|>"));
 }

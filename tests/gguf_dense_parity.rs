@@ -28,7 +28,7 @@ fn dense_greedy_continuations_match_quantized_llama() {
     let local = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let m = &local.loaded;
     let ds = Dataset::load_path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv")).unwrap();
-    let prompter = Prompter::new(&local.prompt_format(), None, None, None).unwrap();
+    let prompter = Prompter::new(&local.prompt_format(), &Default::default()).unwrap();
     let prompts: Vec<Vec<u32>> =
         ds.items.iter().step_by(8).map(|it| m.tokenize_prompt(&prompter.render(&it.query).unwrap()).unwrap()).collect();
     let new_tokens = 24;

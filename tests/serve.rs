@@ -296,7 +296,7 @@ fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
     let Some(path) = smollm2() else { return };
     let local = bsa::backends::local::LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let m = &local.loaded;
-    let prompter = bsa::prompt::Prompter::new(&local.prompt_format(), None, None, None).unwrap();
+    let prompter = bsa::prompt::Prompter::new(&local.prompt_format(), &Default::default()).unwrap();
     let prompt = |q: &str| m.tokenize_prompt(&prompter.render(q).unwrap()).unwrap();
     let group = |tag: usize, q: &str| PromptGroup {
         prompt: prompt(q),

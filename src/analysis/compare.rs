@@ -19,7 +19,7 @@ use super::judged_run::JudgedRun;
 use super::metrics::{flatten, metric_names, tally, ItemTally, Layout, ScoreOptions};
 use crate::records::{SafetyLabel, Verdict};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CompareOptions {
     pub score: ScoreOptions,
     /// Which configuration of each run (needed when a run holds several).

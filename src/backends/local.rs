@@ -231,7 +231,7 @@ impl LocalBackend {
         let device = load::device(&opts.device)?;
         let dtype = load::dtype(&opts.dtype, &device)?;
         let model = LocalModel::load_with_adapter(model, opts.adapter.as_deref(), &device, dtype)?;
-        let prompter = Prompter::new(&model.prompt_format(), prompt.chat_template.as_deref(), prompt.system.clone(), prompt.enable_thinking)?;
+        let prompter = Prompter::new(&model.prompt_format(), prompt)?;
         let cache = model.kv_cache(opts.block_size.max(1), opts.kv_cache_mb, &device, dtype)?;
         let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: model.loaded.eos_ids.clone() };
         Ok(LocalBackend { model, prompter, cache, sched })

@@ -11,30 +11,14 @@ pub mod local;
 pub mod openai;
 pub mod preset;
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use serde_json::Value;
 
 use crate::engine::sampler::{SamplingParams, StreamKey};
+pub use crate::prompt::PromptSettings;
 use crate::prompt::{split_completion, Message, SafetyRules, SplitCompletion, ThinkConvention};
 use crate::records::{Decoding, FinishReason};
 use preset::Preset;
-
-/// What the user asked of the prompt side, whatever the backend.
-#[derive(Debug, Clone, Default)]
-pub struct PromptSettings {
-    /// Text put before every conversation: the safety rules and `--system`, joined (see
-    /// [`SafetyRules::system_text`]). A local model places it by its template (system
-    /// message, or the start of the user turn); a server gets a system message.
-    pub system: Option<String>,
-    /// `--chat-template FILE`: a local model's template replaced (refused by servers, which
-    /// apply their own).
-    pub chat_template: Option<PathBuf>,
-    /// Qwen3-style `enable_thinking`: a local template variable, or the server's
-    /// `chat_template_kwargs` (None: the model's default, nothing sent).
-    pub enable_thinking: Option<bool>,
-}
 
 /// One conversation and the samples to draw from it (locally they share one prefill).
 #[derive(Debug, Clone)]

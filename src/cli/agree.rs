@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::args::BootstrapArgs;
+use super::args::{BootstrapArgs, OutputArgs};
 
 #[derive(Debug, Args)]
 pub struct AgreeArgs {
@@ -23,12 +23,8 @@ pub struct AgreeArgs {
     pub data: Option<String>,
     #[command(flatten)]
     pub bootstrap: BootstrapArgs,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub(super) fn run(a: AgreeArgs) -> Result<()> {
@@ -45,13 +41,13 @@ pub(super) fn run(a: AgreeArgs) -> Result<()> {
         confidence: a.bootstrap.confidence,
         data: a.data,
         sheet_text: a.sheet.is_some(),
-        progress: !a.quiet && !a.json,
+        progress: a.output.progress(),
     };
     let ag = bsa::analysis::agree::agree(&ra, &rb, &opts)?;
     if let Some(p) = &a.sheet {
         bsa::analysis::agree::write_sheet(p, &ag.sheet)?;
     }
-    if a.json {
+    if a.output.json {
         println!("{}", serde_json::to_string_pretty(&ag)?);
     } else {
         print!("{}", ag.table());

@@ -7,7 +7,7 @@ use clap::Args;
 
 use bsa::analysis::metrics::{ScoreOptions, AUTHORS_F_ALPHA};
 use bsa::backends::local::LocalOptions;
-use bsa::pipeline::generate::PromptOptions;
+use bsa::prompt::PromptSettings;
 use bsa::data::{read_id_file, Selection, Shard};
 use bsa::records::Scenario;
 
@@ -170,13 +170,9 @@ pub struct PromptArgs {
 }
 
 impl PromptArgs {
-    pub fn options(&self) -> PromptOptions {
-        PromptOptions {
-            chat_template: self.chat_template.clone(),
-            system: self.system.clone(),
-            safety_rules: self.mitigation.safety_rules.clone(),
-            enable_thinking: self.enable_thinking,
-        }
+    /// The prompt settings (the safety rules are the caller's: they join the system text).
+    pub fn settings(&self) -> PromptSettings {
+        PromptSettings { system: self.system.clone(), chat_template: self.chat_template.clone(), enable_thinking: self.enable_thinking }
     }
 }
 
@@ -234,6 +230,24 @@ pub struct ScoreOpts {
     /// Refuse items with fewer than k valid samples instead of reporting them.
     #[arg(long)]
     pub strict: bool,
+}
+
+/// How an analysis shows its result: a terminal table with progress bars, or JSON.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl OutputArgs {
+    /// Progress bars only for a person reading a table.
+    pub fn progress(&self) -> bool {
+        !self.quiet && !self.json
+    }
 }
 
 /// The percentile bootstrap behind every interval (`bsa score`, `compare`, `report`, `agree`).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::ScoreOpts;
+use super::args::{OutputArgs, ScoreOpts};
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
@@ -21,20 +21,16 @@ pub struct CompareArgs {
     pub config_b: Option<String>,
     #[command(flatten)]
     pub opts: ScoreOpts,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub(super) fn run(a: CompareArgs) -> Result<()> {
     use bsa::analysis::judged_run::JudgedRun;
     let (ra, rb) = (JudgedRun::load(&a.a)?, JudgedRun::load(&a.b)?);
-    let opts = bsa::analysis::compare::CompareOptions { score: a.opts.options(), config_a: a.config_a, config_b: a.config_b, progress: !a.quiet && !a.json };
+    let opts = bsa::analysis::compare::CompareOptions { score: a.opts.options(), config_a: a.config_a, config_b: a.config_b, progress: a.output.progress() };
     let c = bsa::analysis::compare::compare(&ra, &rb, &opts)?;
-    if a.json {
+    if a.output.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
         print!("{}", c.table());

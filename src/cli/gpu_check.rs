@@ -56,13 +56,7 @@ pub fn synthetic_logits(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
 
 /// Samples every row of `logits` (`[rows, vocab]` on `device`) with the device sampler:
 /// the CUDA kernel on a CUDA device, its Rust model elsewhere.
-pub fn device_sample(
-    logits: &Tensor,
-    params: &[SamplingParams],
-    keys: &[StreamKey],
-    steps: &[u64],
-    plain: bool,
-) -> Result<Vec<Drawn>> {
+pub fn device_sample(logits: &Tensor, params: &[SamplingParams], keys: &[StreamKey], steps: &[u64], plain: bool) -> Result<Vec<Drawn>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
         let rows: Vec<usize> = (0..params.len()).collect();
@@ -80,13 +74,7 @@ pub fn device_sample(
 }
 
 /// Seconds per launch of the device kernel alone, or `None` off CUDA.
-fn kernel_seconds(
-    logits: &Tensor,
-    params: &[SamplingParams],
-    keys: &[StreamKey],
-    steps: &[u64],
-    iters: usize,
-) -> Result<Option<f64>> {
+fn kernel_seconds(logits: &Tensor, params: &[SamplingParams], keys: &[StreamKey], steps: &[u64], iters: usize) -> Result<Option<f64>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
         let op = bsa::engine::sampler::cuda::SampleOp {

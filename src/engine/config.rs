@@ -377,18 +377,7 @@ impl ModelConfig {
 }
 
 fn gguf_usize(v: &gguf_file::Value, key: &str) -> Result<usize> {
-    use gguf_file::Value as V;
-    let x: i128 = match v {
-        V::U8(x) => *x as i128,
-        V::I8(x) => *x as i128,
-        V::U16(x) => *x as i128,
-        V::I16(x) => *x as i128,
-        V::U32(x) => *x as i128,
-        V::I32(x) => *x as i128,
-        V::U64(x) => *x as i128,
-        V::I64(x) => *x as i128,
-        other => bail!("GGUF metadata `{key}` must be an integer, found {other:?}"),
-    };
+    let Some(x) = super::gguf::integer(v) else { bail!("GGUF metadata `{key}` must be an integer, found {v:?}") };
     usize::try_from(x).map_err(|_| anyhow!("GGUF metadata `{key}` is out of range: {x}"))
 }
 

@@ -459,20 +459,8 @@ mod tests {
         let mut out = None;
         for layer in 0..cache.num_layers() {
             let (k, v) = cache.gather(layer, &rows).unwrap();
-            let k: Vec<f32> = k
-                .narrow(1, 0, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let v: Vec<f32> = v
-                .narrow(1, 0, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let first_head = |t: Tensor| -> Vec<f32> { t.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+            let (k, v) = (first_head(k), first_head(v));
             assert!(k.iter().zip(&v).all(|(a, b)| *a == -*b));
             if let Some(prev) = &out {
                 assert_eq!(prev, &k);
@@ -545,42 +533,24 @@ mod tests {
         assert_eq!(child.blocks(), parent.blocks());
         assert_eq!(child.len(), 6);
         assert!(parent.blocks().iter().all(|&b| c.refcount(b) == 2));
-        assert_eq!(
-            read_tokens(&c, &child),
-            before,
-            "child sees the shared prefix"
-        );
+        assert_eq!(read_tokens(&c, &child), before, "child sees the shared prefix");
 
         // Child writes position 6 into the shared, partly filled block 1: it must get a copy.
         let free = c.free_blocks();
         fill(&mut c, &mut child, 2, 100.0);
         assert_eq!(c.free_blocks(), free - 1);
-        assert_eq!(
-            child.blocks()[0],
-            parent.blocks()[0],
-            "full prefix block stays shared"
-        );
+        assert_eq!(child.blocks()[0], parent.blocks()[0], "full prefix block stays shared");
         assert_ne!(child.blocks()[1], parent.blocks()[1]);
         assert_eq!(c.refcount(parent.blocks()[1]), 1);
-        assert_eq!(
-            read_tokens(&c, &child),
-            vec![0., 1., 2., 3., 4., 5., 106., 107.]
-        );
-        assert_eq!(
-            read_tokens(&c, &parent),
-            before,
-            "parent untouched by the child's writes"
-        );
+        assert_eq!(read_tokens(&c, &child), vec![0., 1., 2., 3., 4., 5., 106., 107.]);
+        assert_eq!(read_tokens(&c, &parent), before, "parent untouched by the child's writes");
 
         // Parent now continues in its own block 1 without another copy.
         let free = c.free_blocks();
         fill(&mut c, &mut parent, 1, 50.0);
         assert_eq!(c.free_blocks(), free);
         assert_eq!(read_tokens(&c, &parent), vec![0., 1., 2., 3., 4., 5., 56.]);
-        assert_eq!(
-            read_tokens(&c, &child),
-            vec![0., 1., 2., 3., 4., 5., 106., 107.]
-        );
+        assert_eq!(read_tokens(&c, &child), vec![0., 1., 2., 3., 4., 5., 106., 107.]);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod gguf;
 pub mod kv_cache;
 pub mod layers;
 pub mod load;
@@ -31,3 +32,5 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
+#[cfg(test)]
+pub(crate) mod test_rng;

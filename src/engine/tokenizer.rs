@@ -181,19 +181,12 @@ fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
     content.metadata.get(key)
 }
 
+/// An integer (or a bool, as 0/1) that fits an i64.
 fn value_as_i64(v: &Value) -> Option<i64> {
-    Some(match v {
-        Value::U8(x) => *x as i64,
-        Value::I8(x) => *x as i64,
-        Value::U16(x) => *x as i64,
-        Value::I16(x) => *x as i64,
-        Value::U32(x) => *x as i64,
-        Value::I32(x) => *x as i64,
-        Value::U64(x) => i64::try_from(*x).ok()?,
-        Value::I64(x) => *x,
-        Value::Bool(x) => *x as i64,
-        _ => return None,
-    })
+    match v {
+        Value::Bool(x) => Some(*x as i64),
+        v => super::gguf::integer(v).and_then(|x| i64::try_from(x).ok()),
+    }
 }
 
 fn meta_str(content: &Content, key: &str) -> Result<Option<String>> {
@@ -241,46 +234,14 @@ fn meta_token_id(content: &Content, key: &str, n_vocab: usize) -> Result<Option<
 }
 
 fn meta_string_array(content: &Content, key: &str) -> Result<Option<Vec<String>>> {
-    match meta(content, key) {
-        None => Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.clone()),
-                other => bail!(
-                    "GGUF metadata {key} should hold strings, found {:?}",
-                    other.value_type()
-                ),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
-        Some(v) => bail!(
-            "GGUF metadata {key} should be an array, found {:?}",
-            v.value_type()
-        ),
-    }
+    super::gguf::array(content, key, "strings", |v| match v {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    })
 }
 
 fn meta_int_array(content: &Content, key: &str) -> Result<Option<Vec<i64>>> {
-    match meta(content, key) {
-        None => Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                value_as_i64(v).ok_or_else(|| {
-                    anyhow!(
-                        "GGUF metadata {key} should hold integers, found {:?}",
-                        v.value_type()
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
-        Some(v) => bail!(
-            "GGUF metadata {key} should be an array, found {:?}",
-            v.value_type()
-        ),
-    }
+    super::gguf::array(content, key, "integers", value_as_i64)
 }
 
 /// Build the tokenizer described by a GGUF file's `tokenizer.*` metadata.
@@ -451,13 +412,11 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer> {
         let mut single: Vec<String> = Vec::new();
         let mut pair: Vec<String> = Vec::new();
         let mut specials: Vec<SpecialToken> = Vec::new();
+        let special = |name: &str, id: u32| SpecialToken::new(name.into(), vec![id], vec![tokens[id as usize].clone()]).map_err(|e| anyhow!("{name} template: {e}"));
         if let Some(id) = bos_for_template {
             single.push("BOS".into());
             pair.push("BOS".into());
-            specials.push(
-                SpecialToken::new("BOS".into(), vec![id], vec![tokens[id as usize].clone()])
-                    .map_err(|e| anyhow!("BOS template: {e}"))?,
-            );
+            specials.push(special("BOS", id)?);
         }
         single.push("$A".into());
         pair.push("$A".into());
@@ -465,10 +424,7 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer> {
         if let Some(id) = eos_for_template {
             single.push("EOS".into());
             pair.push("EOS:1".into());
-            specials.push(
-                SpecialToken::new("EOS".into(), vec![id], vec![tokens[id as usize].clone()])
-                    .map_err(|e| anyhow!("EOS template: {e}"))?,
-            );
+            specials.push(special("EOS", id)?);
         }
         let post = TemplateProcessing::builder()
             .try_single(single)

@@ -36,45 +36,41 @@ pub(crate) enum W {
 }
 
 impl W {
+    /// The weight's name in both schemes, side by side: (its layer, the HF safetensors
+    /// name, the llama.cpp GGUF name), each to be completed with `.weight` / `.bias`; layer
+    /// weights are prefixed `model.layers.{i}.` (HF) and `blk.{i}.` (GGUF).
+    fn names(self) -> (Option<usize>, &'static str, &'static str) {
+        match self {
+            W::Embed => (None, "model.embed_tokens", "token_embd"),
+            W::FinalNorm => (None, "model.norm", "output_norm"),
+            W::LmHead => (None, "lm_head", "output"),
+            W::AttnNorm(i) => (Some(i), "input_layernorm", "attn_norm"),
+            W::FfnNorm(i) => (Some(i), "post_attention_layernorm", "ffn_norm"),
+            W::Q(i) => (Some(i), "self_attn.q_proj", "attn_q"),
+            W::K(i) => (Some(i), "self_attn.k_proj", "attn_k"),
+            W::V(i) => (Some(i), "self_attn.v_proj", "attn_v"),
+            W::O(i) => (Some(i), "self_attn.o_proj", "attn_output"),
+            W::QNorm(i) => (Some(i), "self_attn.q_norm", "attn_q_norm"),
+            W::KNorm(i) => (Some(i), "self_attn.k_norm", "attn_k_norm"),
+            W::Gate(i) => (Some(i), "mlp.gate_proj", "ffn_gate"),
+            W::Up(i) => (Some(i), "mlp.up_proj", "ffn_up"),
+            W::Down(i) => (Some(i), "mlp.down_proj", "ffn_down"),
+        }
+    }
+
     /// HF safetensors prefix (append `.weight` / `.bias`).
     fn hf(self) -> String {
-        let l = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
-        match self {
-            W::Embed => "model.embed_tokens".into(),
-            W::FinalNorm => "model.norm".into(),
-            W::LmHead => "lm_head".into(),
-            W::AttnNorm(i) => l(i, "input_layernorm"),
-            W::FfnNorm(i) => l(i, "post_attention_layernorm"),
-            W::Q(i) => l(i, "self_attn.q_proj"),
-            W::K(i) => l(i, "self_attn.k_proj"),
-            W::V(i) => l(i, "self_attn.v_proj"),
-            W::O(i) => l(i, "self_attn.o_proj"),
-            W::QNorm(i) => l(i, "self_attn.q_norm"),
-            W::KNorm(i) => l(i, "self_attn.k_norm"),
-            W::Gate(i) => l(i, "mlp.gate_proj"),
-            W::Up(i) => l(i, "mlp.up_proj"),
-            W::Down(i) => l(i, "mlp.down_proj"),
+        match self.names() {
+            (Some(i), name, _) => format!("model.layers.{i}.{name}"),
+            (None, name, _) => name.into(),
         }
     }
 
     /// llama.cpp GGUF prefix (append `.weight` / `.bias`).
     fn gguf(self) -> String {
-        let l = |i: usize, rest: &str| format!("blk.{i}.{rest}");
-        match self {
-            W::Embed => "token_embd".into(),
-            W::FinalNorm => "output_norm".into(),
-            W::LmHead => "output".into(),
-            W::AttnNorm(i) => l(i, "attn_norm"),
-            W::FfnNorm(i) => l(i, "ffn_norm"),
-            W::Q(i) => l(i, "attn_q"),
-            W::K(i) => l(i, "attn_k"),
-            W::V(i) => l(i, "attn_v"),
-            W::O(i) => l(i, "attn_output"),
-            W::QNorm(i) => l(i, "attn_q_norm"),
-            W::KNorm(i) => l(i, "attn_k_norm"),
-            W::Gate(i) => l(i, "ffn_gate"),
-            W::Up(i) => l(i, "ffn_up"),
-            W::Down(i) => l(i, "ffn_down"),
+        match self.names() {
+            (Some(i), _, name) => format!("blk.{i}.{name}"),
+            (None, _, name) => name.into(),
         }
     }
 }

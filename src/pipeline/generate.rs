@@ -43,7 +43,11 @@ pub struct GenerateOptions {
     /// The seed of the per-sample random streams.
     pub seed: u64,
     pub decoding: DecodingOverrides,
-    pub prompt: PromptOptions,
+    /// `--chat-template`, `--system` (the safety rules go before it), `--enable-thinking`.
+    pub prompt: PromptSettings,
+    /// `--safety-rules default|FILE`: the paper's mitigation, put before every query (see
+    /// [`SafetyRules`]).
+    pub safety_rules: Option<String>,
     /// The local engine's device, batching, KV cache and `--adapter`.
     pub local: LocalOptions,
     /// The client of an `openai:` backend.
@@ -51,20 +55,6 @@ pub struct GenerateOptions {
     pub out: PathBuf,
     pub on_existing: OnExisting,
     pub progress: bool,
-}
-
-/// How the prompts are built: the flags of the prompt side, including the paper's
-/// safety-rules mitigation.
-#[derive(Debug, Clone, Default)]
-pub struct PromptOptions {
-    /// `--chat-template FILE`: replaces the local model's template.
-    pub chat_template: Option<PathBuf>,
-    /// `--system TEXT`.
-    pub system: Option<String>,
-    /// `--safety-rules default|FILE`: rules put before the query (see [`SafetyRules`]).
-    pub safety_rules: Option<String>,
-    /// `--enable-thinking`: Qwen3-style templates' switch (None: the model's default).
-    pub enable_thinking: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,13 +81,8 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
 /// samples are those a plain run with its parameters would produce.
 pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Result<GenerateSummary> {
     let (dataset, items) = selected_items(opts)?;
-    let p = &opts.prompt;
-    let rules = p.safety_rules.as_deref().map(SafetyRules::load).transpose()?;
-    let settings = PromptSettings {
-        system: SafetyRules::system_text(rules.as_ref(), p.system.as_deref()),
-        chat_template: p.chat_template.clone(),
-        enable_thinking: p.enable_thinking,
-    };
+    let rules = opts.safety_rules.as_deref().map(SafetyRules::load).transpose()?;
+    let settings = PromptSettings { system: SafetyRules::system_text(rules.as_ref(), opts.prompt.system.as_deref()), ..opts.prompt.clone() };
     let (spec, flag) = match &opts.backend {
         Some(b) => (b.as_str(), "--backend"),
         None => (opts.model.as_str(), "--model"),
@@ -115,7 +100,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
             None => serde_json::to_value(&decoding)?,
             Some(g) => g.manifest_entry(&decoding, &configs),
         }),
-        prompt: Some(backend.manifest_prompt(p.system.as_deref(), rules.as_ref())),
+        prompt: Some(backend.manifest_prompt(opts.prompt.system.as_deref(), rules.as_ref())),
         ..job_base(&dataset, opts)?
     };
     let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;

@@ -12,7 +12,7 @@ pub mod reasoning;
 pub mod safety_rules;
 pub mod template;
 
-pub use prompter::{PresetPrompting, PromptFormat, Prompter};
+pub use prompter::{PresetPrompting, PromptFormat, PromptSettings, Prompter};
 pub use reasoning::{split_completion, SplitCompletion, ThinkConvention};
 pub use safety_rules::{Placement, SafetyRules};
 pub use template::{with_system, ChatTemplate, Message, RenderOptions, SystemPlacement};

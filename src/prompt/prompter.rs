@@ -1,7 +1,7 @@
 //! The prompt side of a model: its chat template and special tokens, the system text (and
 //! where it goes), and its think-tag convention, turned into the exact prompt text.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
@@ -34,6 +34,21 @@ pub struct PresetPrompting {
     pub think: ThinkConvention,
 }
 
+/// What the user asked of the prompt side, whatever the backend.
+#[derive(Debug, Clone, Default)]
+pub struct PromptSettings {
+    /// Text put before every conversation: the safety rules and `--system`, joined (see
+    /// [`super::SafetyRules::system_text`]). A local model places it by its template (system
+    /// message, or the start of the user turn); a server gets a system message.
+    pub system: Option<String>,
+    /// `--chat-template FILE`: a local model's template replaced (refused by servers, which
+    /// apply their own).
+    pub chat_template: Option<PathBuf>,
+    /// Qwen3-style `enable_thinking`: a local template variable, or the server's
+    /// `chat_template_kwargs` (None: the model's default, nothing sent).
+    pub enable_thinking: Option<bool>,
+}
+
 /// Renders prompts for one model (see [`PromptFormat`]).
 pub struct Prompter {
     template: ChatTemplate,
@@ -45,14 +60,15 @@ pub struct Prompter {
 }
 
 impl Prompter {
-    /// `override_template` is `--chat-template FILE`; `system` is put before every
-    /// conversation (a system message, or the start of the user turn when the template has
-    /// no system role); `enable_thinking` overrides the format's default.
+    /// `settings` may replace the template (`--chat-template FILE`), put system text before
+    /// every conversation (a system message, or the start of the user turn when the template
+    /// has no system role) and override the format's `enable_thinking`.
     ///
     /// Errors: no template at all (the model has none and no FILE was given), an unreadable
     /// FILE, a template that does not parse or render.
-    pub fn new(format: &PromptFormat, override_template: Option<&Path>, system: Option<String>, enable_thinking: Option<bool>) -> Result<Prompter> {
-        let source = match override_template {
+    pub fn new(format: &PromptFormat, settings: &PromptSettings) -> Result<Prompter> {
+        let (system, enable_thinking) = (settings.system.clone(), settings.enable_thinking);
+        let source = match settings.chat_template.as_deref() {
             Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read --chat-template {}", p.display()))?,
             None => format.chat_template.clone().ok_or_else(|| {
                 anyhow::anyhow!("the model {} has no chat template; pass one with --chat-template FILE (a Jinja file like the chat_template of tokenizer_config.json)", format.model_id)

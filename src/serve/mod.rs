@@ -155,7 +155,7 @@ impl Server {
         let device = load::device(&opts.device)?;
         let dtype = load::dtype(&opts.dtype, &device)?;
         let local = LocalModel::load(&opts.model, &device, dtype)?;
-        let prompter = Prompter::new(&local.prompt_format(), None, None, None)?;
+        let prompter = Prompter::new(&local.prompt_format(), &Default::default())?;
         let block_size = opts.block_size.max(1);
         let cache = local.kv_cache(block_size, opts.kv_cache_mb, &device, dtype)?;
         let blocks = cache.num_blocks();

@@ -198,7 +198,7 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
     }
     if let Some(data) = &a.job_data {
         let ds = Dataset::load(data)?;
-        let prompter = Prompter::new(&local.prompt_format(), None, None, None)?;
+        let prompter = Prompter::new(&local.prompt_format(), &Default::default())?;
         let prompts = ds.items.iter().map(|it| m.tokenize_prompt(&prompter.render(&it.query)?)).collect::<Result<Vec<_>>>()?;
         let what = format!("BSA-like job: {} queries x {} samples, batch {}", prompts.len(), a.job_samples, a.job_batch);
         // The job samples as the model's preset says (the k samples of a query must differ).

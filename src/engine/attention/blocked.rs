@@ -6,6 +6,8 @@
 //! The kernel's per-token context description ([`TokenContext`]) is built here too, so the
 //! device path and its model share it.
 
+use super::cpu::AttnDims;
+
 /// Warps per block in the kernel (`NW`): the number of partial softmaxes merged.
 pub const WARPS: usize = 4;
 
@@ -44,19 +46,9 @@ pub fn kernel_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
 }
 
 /// The kernel's computation on f32 data: `q [n, heads * d]`, pools `[rows, kv_heads * d]`;
-/// returns `[n, heads * d]`. `scale` multiplies the queries (as the kernel does).
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_blocked(
-    q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
-    rows: &[u32],
-    ctx: &TokenContext,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
+/// returns `[n, heads * d]`. `dims.scale` multiplies the queries (as the kernel does).
+pub fn paged_attention_blocked(q: &[f32], k_pool: &[f32], v_pool: &[f32], rows: &[u32], ctx: &TokenContext, dims: AttnDims) -> Vec<f32> {
+    let AttnDims { heads, kv_heads, head_dim: d, scale } = dims;
     let group = heads / kv_heads;
     let (qw, kvw) = (heads * d, kv_heads * d);
     let mut out = vec![0f32; q.len()];
@@ -117,18 +109,8 @@ mod tests {
     }
 
     /// softmax(q k^T * scale) v in f64, straight from the definition, per token and head.
-    #[allow(clippy::too_many_arguments)]
-    fn naive(
-        q: &[f32],
-        kp: &[f32],
-        vp: &[f32],
-        rows: &[u32],
-        ctx: &TokenContext,
-        heads: usize,
-        kv_heads: usize,
-        d: usize,
-        scale: f32,
-    ) -> Vec<f64> {
+    fn naive(q: &[f32], kp: &[f32], vp: &[f32], rows: &[u32], ctx: &TokenContext, dims: AttnDims) -> Vec<f64> {
+        let AttnDims { heads, kv_heads, head_dim: d, scale } = dims;
         let group = heads / kv_heads;
         let mut out = vec![0f64; q.len()];
         for t in 0..ctx.ctx_off.len() {
@@ -197,9 +179,9 @@ mod tests {
             let ctx = TokenContext::new(seqs);
             let n = ctx.ctx_len.len();
             let q: Vec<f32> = (0..n * heads * d).map(|_| g.f()).collect();
-            let scale = 1.0 / (d as f32).sqrt();
-            let got = paged_attention_blocked(&q, &kp, &vp, &rows, &ctx, heads, kv_heads, d, scale);
-            let want = naive(&q, &kp, &vp, &rows, &ctx, heads, kv_heads, d, scale);
+            let dims = AttnDims { heads, kv_heads, head_dim: d, scale: 1.0 / (d as f32).sqrt() };
+            let got = paged_attention_blocked(&q, &kp, &vp, &rows, &ctx, dims);
+            let want = naive(&q, &kp, &vp, &rows, &ctx, dims);
             let worst = got
                 .iter()
                 .zip(&want)

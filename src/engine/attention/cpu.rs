@@ -84,13 +84,7 @@ const TOKEN_TILE: usize = 16;
 ///
 /// Panics if the shapes disagree or a sequence names a row outside the pools (the caller
 /// validates block tables; this is a programming error, not bad input).
-pub fn paged_attention_cpu(
-    q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
-    seqs: &[SeqRows],
-    dims: AttnDims,
-) -> Vec<f32> {
+pub fn paged_attention_cpu(q: &[f32], k_pool: &[f32], v_pool: &[f32], seqs: &[SeqRows], dims: AttnDims) -> Vec<f32> {
     let loops = Loops::for_head_dim(dims.head_dim);
     paged_attention_with(q, k_pool, v_pool, seqs, dims, loops)
 }
@@ -443,37 +437,11 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor};
 
-    /// Small deterministic generator (splitmix64) so the tests need no extra crates.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            crate::test_rng::splitmix64(&mut self.0)
-        }
-
-        /// Uniform in [-1, 1).
-        fn sym(&mut self) -> f32 {
-            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-
-        fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
-            (0..n).map(|_| self.sym() * amp).collect()
-        }
-    }
+    use crate::engine::test_rng::TestRng as Rng;
 
     /// The candle-op computation `PagedAttention::forward` runs on non-CPU devices: gather the
     /// context rows, then per kv head one batched matmul, mask, softmax, matmul.
-    fn reference(
-        q: &[f32],
-        k_pool: &[f32],
-        v_pool: &[f32],
-        seqs: &[SeqRows],
-        dims: AttnDims,
-    ) -> Vec<f32> {
+    fn reference(q: &[f32], k_pool: &[f32], v_pool: &[f32], seqs: &[SeqRows], dims: AttnDims) -> Vec<f32> {
         let dev = Device::Cpu;
         let (h, hk, d) = (dims.heads, dims.kv_heads, dims.head_dim);
         let n = q.len() / (h * d);
@@ -644,23 +612,14 @@ mod tests {
     ];
 
     #[test]
-    fn matches_candle_reference_mha() {
-        check(1, 4, 4, 16, MIXED);
-        check(2, 2, 2, 64, MIXED);
-    }
-
-    #[test]
-    fn matches_candle_reference_gqa_2() {
-        check(3, 4, 2, 16, MIXED);
-        check(4, 8, 4, 64, MIXED);
+    fn matches_candle_reference_for_every_head_grouping() {
+        // (seed, query heads, kv heads, head dim): plain multi-head, groups of 2 and 3.
+        let cases = [(1, 4, 4, 16), (2, 2, 2, 64), (3, 4, 2, 16), (4, 8, 4, 64), (5, 6, 2, 16), (6, 9, 3, 64)];
+        for (seed, heads, kv_heads, d) in cases {
+            check(seed, heads, kv_heads, d, MIXED);
+        }
         // Qwen's head dim: two 64-lane column blocks.
         check(11, 4, 2, 128, MIXED);
-    }
-
-    #[test]
-    fn matches_candle_reference_gqa_3() {
-        check(5, 6, 2, 16, MIXED);
-        check(6, 9, 3, 64, MIXED);
     }
 
     #[test]
@@ -671,7 +630,6 @@ mod tests {
         check(8, 4, 2, 40, &[(3, 1), (0, 5), (9, 18)]);
         check(10, 3, 1, 72, &[(3, 1), (0, 5), (9, 18)]);
     }
-
 
     #[test]
     fn result_does_not_depend_on_the_batch_or_chunking() {

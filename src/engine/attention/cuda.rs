@@ -9,6 +9,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::blocked::{paged_attention_blocked, TokenContext, WARPS};
+use super::cpu::AttnDims;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 
@@ -122,17 +123,8 @@ impl CustomOp3 for PagedAttentionOp {
             ctx_len: self.ctx_len.to_vec1()?,
         };
         let rows: Vec<u32> = self.rows.to_vec1()?;
-        let y = paged_attention_blocked(
-            &f(q, ql)?,
-            &f(k, kl)?,
-            &f(v, vl)?,
-            &rows,
-            &ctx,
-            self.heads,
-            self.kv_heads,
-            self.head_dim,
-            1.0 / (self.head_dim as f32).sqrt(),
-        );
+        let dims = AttnDims { heads: self.heads, kv_heads: self.kv_heads, head_dim: self.head_dim, scale: 1.0 / (self.head_dim as f32).sqrt() };
+        let y = paged_attention_blocked(&f(q, ql)?, &f(k, kl)?, &f(v, vl)?, &rows, &ctx, dims);
         Ok((CpuStorage::F32(y), ql.shape().clone()))
     }
 

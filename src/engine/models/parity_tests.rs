@@ -28,32 +28,7 @@ const TOL_Q8: f32 = 1e-3;
 // Deterministic randomness (candle's CPU RNG cannot be seeded)
 // ---------------------------------------------------------------------------------------------
 
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        crate::test_rng::splitmix64(&mut self.0)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-
-    fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
-        (0..n)
-            .map(|_| (self.next_u64() % vocab as u64) as u32)
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Test models
-// ---------------------------------------------------------------------------------------------
+use crate::engine::test_rng::TestRng as Rng;
 
 fn llama_json(tied: bool, scaling: bool) -> String {
     let scaling = if scaling {
@@ -649,6 +624,16 @@ fn write_gguf_with(
     buf.into_inner()
 }
 
+/// A random model of `json` written as a GGUF of `dtype`: its config, weights, file bytes, and
+/// ours loaded from the bytes.
+fn gguf_model(json: &str, seed: u64, dtype: GgmlDType) -> (ModelConfig, VarMap, Vec<u8>, Box<dyn CausalLM>) {
+    let cfg = ModelConfig::from_hf_config(json).unwrap();
+    let varmap = random_weights(&cfg, seed);
+    let bytes = write_gguf(&cfg, &varmap, dtype);
+    let ours = load_ours_gguf(&bytes);
+    (cfg, varmap, bytes, ours)
+}
+
 fn load_ours_gguf(bytes: &[u8]) -> Box<dyn CausalLM> {
     let mut cur = Cursor::new(bytes);
     let content = gguf_file::Content::read(&mut cur).unwrap();
@@ -699,44 +684,20 @@ fn gguf_f32_llama_matches_quantized_llama_and_hf_llama() {
     // The GGUF holds llama.cpp-permuted Q/K; the HF reference gets the original weights. Both
     // agreeing with ours shows the rotary layout chosen for GGUF undoes the permutation.
     let json = llama_json(false, false);
-    let cfg = ModelConfig::from_hf_config(&json).unwrap();
-    let varmap = random_weights(&cfg, 7);
-    let bytes = write_gguf(&cfg, &varmap, GgmlDType::F32);
-    let ours = load_ours_gguf(&bytes);
+    let (_, varmap, bytes, ours) = gguf_model(&json, 7, GgmlDType::F32);
     let gcfg = ours.config();
-    assert_eq!(
-        (
-            gcfg.arch,
-            gcfg.vocab_size,
-            gcfg.num_layers,
-            gcfg.num_kv_heads,
-            gcfg.head_dim,
-            gcfg.tie_word_embeddings
-        ),
-        (Architecture::Llama, 300, 3, 2, 16, false)
-    );
+    assert_eq!((gcfg.arch, gcfg.vocab_size, gcfg.num_layers, gcfg.num_kv_heads, gcfg.head_dim, gcfg.tie_word_embeddings),
+        (Architecture::Llama, 300, 3, 2, 16, false));
     let qref = load_quantized_llama(&bytes);
     let hf = RefModel::from_hf(&json, strict_vb(&varmap)).unwrap();
     let mut check = Check::new("gguf-f32-llama", TOL_F32);
-    compare_runs(
-        &mut check,
-        ours.as_ref(),
-        &[("quantized_llama", &qref), ("hf llama", &hf)],
-        77,
-    );
+    compare_runs(&mut check, ours.as_ref(), &[("quantized_llama", &qref), ("hf llama", &hf)], 77);
 }
 
 #[test]
 fn gguf_q8_0_tied_llama_matches_quantized_llama() {
-    let json = llama_json(true, false);
-    let cfg = ModelConfig::from_hf_config(&json).unwrap();
-    let varmap = random_weights(&cfg, 8);
-    let bytes = write_gguf(&cfg, &varmap, GgmlDType::Q8_0);
-    let ours = load_ours_gguf(&bytes);
-    assert!(
-        ours.config().tie_word_embeddings,
-        "no output.weight means a tied head"
-    );
+    let (_, _, bytes, ours) = gguf_model(&llama_json(true, false), 8, GgmlDType::Q8_0);
+    assert!(ours.config().tie_word_embeddings, "no output.weight means a tied head");
     let qref = load_quantized_llama(&bytes);
     let mut check = Check::new("gguf-q8_0-llama-tied", TOL_Q8);
     compare_runs(&mut check, ours.as_ref(), &[("quantized_llama", &qref)], 88);
@@ -750,22 +711,14 @@ fn gguf_qwen2_and_qwen3_match_hf_reference() {
         ("gguf-f32-qwen2", qwen2_json(), 9),
         ("gguf-f32-qwen3", qwen3_json(), 10),
     ] {
-        let cfg = ModelConfig::from_hf_config(&json).unwrap();
-        let varmap = random_weights(&cfg, seed);
-        let bytes = write_gguf(&cfg, &varmap, GgmlDType::F32);
-        let ours = load_ours_gguf(&bytes);
+        let (cfg, varmap, _, ours) = gguf_model(&json, seed, GgmlDType::F32);
         let gcfg = ours.config();
         assert_eq!(gcfg.attention_bias, cfg.arch == Architecture::Qwen2);
         assert_eq!(gcfg.head_dim, cfg.head_dim);
         assert_eq!(gcfg.tie_word_embeddings, cfg.tie_word_embeddings);
         let hf = RefModel::from_hf(&json, strict_vb(&varmap)).unwrap();
         let mut check = Check::new(name, TOL_F32);
-        compare_runs(
-            &mut check,
-            ours.as_ref(),
-            &[("hf reference", &hf)],
-            seed * 11,
-        );
+        compare_runs(&mut check, ours.as_ref(), &[("hf reference", &hf)], seed * 11);
     }
 }
 

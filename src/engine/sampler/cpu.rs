@@ -384,13 +384,7 @@ pub(super) fn batch_rows(
 ///
 /// # Panics
 /// On mismatched lengths, invalid params, or a step `>= 2^32`.
-pub fn sample_batch(
-    logits: &[f32],
-    vocab: usize,
-    params: &[SamplingParams],
-    keys: &[StreamKey],
-    steps: &[u64],
-) -> Vec<u32> {
+pub fn sample_batch(logits: &[f32], vocab: usize, params: &[SamplingParams], keys: &[StreamKey], steps: &[u64]) -> Vec<u32> {
     map_rows(logits, vocab, params, keys, steps, sample_row)
 }
 
@@ -457,24 +451,7 @@ mod tests {
     use crate::analysis::stats::{chi_square_p_value, chi_square_stat};
     use super::*;
 
-    /// SplitMix64: deterministic test inputs without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            crate::test_rng::splitmix64(&mut self.0)
-        }
-        fn unit(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / 2f64.powi(53)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-        /// Roughly standard normal (Irwin–Hall with 12 terms).
-        fn normal(&mut self) -> f64 {
-            (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
-        }
-    }
+    use crate::engine::test_rng::TestRng as Rng;
 
     /// Naive reference: the documented semantics, literally, with a full sort.
     fn naive_support(logits: &[f32], p: &SamplingParams) -> (Vec<(u32, f64)>, f64) {
@@ -556,7 +533,7 @@ mod tests {
     /// underflow), LLM-like peaked, with specials (-inf, NaN, +inf), and fully masked.
     fn test_rows(rng: &mut Rng, vocab: usize) -> Vec<Vec<f32>> {
         let mut rows = Vec::new();
-        rows.push((0..vocab).map(|_| (rng.normal() * 2.5) as f32).collect());
+        rows.push((0..vocab).map(|_| (rng.rough_normal() * 2.5) as f32).collect());
         rows.push(
             (0..vocab)
                 .map(|_| match rng.below(10) {
@@ -571,7 +548,7 @@ mod tests {
             (0..vocab)
                 .map(|_| {
                     let spike = if rng.below(100) == 0 { 12.0 } else { 0.0 };
-                    (spike + rng.normal() * 1.5) as f32
+                    (spike + rng.rough_normal() * 1.5) as f32
                 })
                 .collect(),
         );
@@ -876,7 +853,7 @@ mod tests {
         let vocab = 1000;
         let rows = 9;
         let logits: Vec<f32> = (0..vocab * rows)
-            .map(|_| (rng.normal() * 3.0) as f32)
+            .map(|_| (rng.rough_normal() * 3.0) as f32)
             .collect();
         let ps: Vec<SamplingParams> = (0..rows)
             .map(|r| match r % 4 {

@@ -282,13 +282,7 @@ pub fn truncated_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f
 ///
 /// # Panics
 /// On mismatched lengths, invalid params, or a step `>= 2^32`.
-pub fn sample_batch(
-    logits: &[f32],
-    vocab: usize,
-    params: &[SamplingParams],
-    keys: &[StreamKey],
-    steps: &[u64],
-) -> Vec<Drawn> {
+pub fn sample_batch(logits: &[f32], vocab: usize, params: &[SamplingParams], keys: &[StreamKey], steps: &[u64]) -> Vec<Drawn> {
     super::cpu::map_rows(logits, vocab, params, keys, steps, sample_row)
 }
 
