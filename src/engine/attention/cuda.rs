@@ -32,16 +32,9 @@ fn u32_view<'a>(st: &'a Storage, lay: &Layout) -> candle_core::Result<CudaView<'
 }
 
 impl PagedAttentionOp {
-    fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        &self,
-        tag: &str,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
+    /// Launches the kernel for element type `T` (`tag` names it) on the storage and layout
+    /// of q, k and v.
+    fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(&self, tag: &str, [(q, ql), (k, kl), (v, vl)]: [(&CudaStorage, &Layout); 3]) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = &q.device;
         let (n, width) = ql.shape().dims2()?;
         let qv = q.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
@@ -138,10 +131,11 @@ impl CustomOp3 for PagedAttentionOp {
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         self.check(ql, kl, vl)?;
+        let qkv = [(q, ql), (k, kl), (v, vl)];
         match q.dtype() {
-            DType::BF16 => self.launch::<half::bf16>("bf16", q, ql, k, kl, v, vl),
-            DType::F16 => self.launch::<half::f16>("f16", q, ql, k, kl, v, vl),
-            DType::F32 => self.launch::<f32>("f32", q, ql, k, kl, v, vl),
+            DType::BF16 => self.launch::<half::bf16>("bf16", qkv),
+            DType::F16 => self.launch::<half::f16>("f16", qkv),
+            DType::F32 => self.launch::<f32>("f32", qkv),
             d => candle_core::bail!("paged attention: no kernel for {d:?}"),
         }
     }

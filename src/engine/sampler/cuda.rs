@@ -70,13 +70,10 @@ impl CustomOp1 for SampleOp {
     }
 
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (rows, vocab) = self.dims(layout)?;
+        let (logits, vocab, params, out) = self.prepare(storage, layout)?;
         let dev = &storage.device;
-        let logits = storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-        let params = self.upload(dev)?;
-        let out = dev.alloc_zeros::<u32>(2 * rows)?;
         self.launch(dev, &logits, vocab, &params, &out)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(2 * rows)))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(2 * self.params.len())))
     }
 }
 
@@ -90,6 +87,15 @@ struct DeviceParams {
 }
 
 impl SampleOp {
+    /// What a launch on `storage` needs: the logits, the vocabulary size, the parameters
+    /// uploaded, and a zeroed `[2 * rows]` output.
+    fn prepare<'a>(&self, storage: &'a CudaStorage, layout: &Layout) -> candle_core::Result<(CudaView<'a, f32>, usize, DeviceParams, CudaSlice<u32>)> {
+        let (rows, vocab) = self.dims(layout)?;
+        let dev = &storage.device;
+        let logits = storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+        Ok((logits, vocab, self.upload(dev)?, dev.alloc_zeros::<u32>(2 * rows)?))
+    }
+
     fn upload(&self, dev: &CudaDevice) -> candle_core::Result<DeviceParams> {
         let temp: Vec<f32> = self.params.iter().map(|p| p.temperature).collect();
         let top_k: Vec<u32> = self.params.iter().map(|p| p.top_k.min(u32::MAX as usize) as u32).collect();
@@ -141,11 +147,8 @@ impl SampleOp {
         let Storage::Cuda(storage) = &*st else {
             candle_core::bail!("kernel_seconds needs CUDA logits");
         };
-        let (rows, vocab) = self.dims(layout)?;
+        let (view, vocab, params, out) = self.prepare(storage, layout)?;
         let dev = &storage.device;
-        let view = storage.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-        let params = self.upload(dev)?;
-        let out = dev.alloc_zeros::<u32>(2 * rows)?;
         self.launch(dev, &view, vocab, &params, &out)?;
         dev.synchronize()?;
         let t = std::time::Instant::now();
