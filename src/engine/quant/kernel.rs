@@ -158,20 +158,4 @@ pub(super) mod x86 {
         let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
         _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
     }
-
-    /// `res[i * R + r] = hsum8(acc[i][r])`: a tile's accumulators summed into its results.
-    ///
-    /// # Safety
-    /// The CPU must support avx; `res` must hold `W * R` entries.
-    #[inline(always)]
-    pub(in super::super) unsafe fn store_sums<const W: usize, const R: usize>(
-        acc: &[[__m256; R]; W],
-        res: &mut [f32],
-    ) {
-        for i in 0..W {
-            for r in 0..R {
-                res[i * R + r] = hsum8(acc[i][r]);
-            }
-        }
-    }
 }

@@ -134,7 +134,7 @@ impl BlockFormat for Q4_1 {
         res: &mut [f32],
     ) {
         use super::acts::TileRows;
-        use super::kernel::x86::{store_sums, PREFETCH};
+        use super::kernel::x86::{hsum8, PREFETCH};
         use std::arch::x86_64::*;
 
         let lay = RowLayout { nb: a.nb };
@@ -203,7 +203,11 @@ impl BlockFormat for Q4_1 {
                 }
             }
         }
-        store_sums(&acc, res);
+        for i in 0..W {
+            for r in 0..R {
+                res[i * R + r] = hsum8(acc[i][r]);
+            }
+        }
     }
 }
 

@@ -82,7 +82,7 @@ impl BlockFormat for Q8_0 {
         a: Q8_0Rows<'_>,
         res: &mut [f32],
     ) {
-        use super::kernel::x86::{store_sums, PREFETCH};
+        use super::kernel::x86::{hsum8, PREFETCH};
         use std::arch::x86_64::*;
 
         let nb = a.nb;
@@ -123,7 +123,11 @@ impl BlockFormat for Q8_0 {
                 }
             }
         }
-        store_sums(&acc, res);
+        for i in 0..W {
+            for r in 0..R {
+                res[i * R + r] = hsum8(acc[i][r]);
+            }
+        }
     }
 }
 
