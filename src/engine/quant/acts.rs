@@ -51,11 +51,13 @@ pub trait Activations: Sized + Sync {
 }
 
 /// Block pairs in a row of `nb` blocks (an odd last block is paired with zeros).
+#[inline]
 pub(super) fn pairs(nb: usize) -> usize {
     nb.div_ceil(2)
 }
 
 /// `nb` rounded up to a multiple of 8 (the minimum terms of Q4_1 go 8 blocks at a time).
+#[inline]
 pub(super) fn padded8(nb: usize) -> usize {
     nb.div_ceil(8) * 8
 }
@@ -87,15 +89,19 @@ pub struct Q8_1Rows<'a> {
 }
 
 impl Q8_1Acts {
+    #[inline]
     fn np(&self) -> usize {
         pairs(self.nb)
     }
 
+    #[inline]
     fn nb8(&self) -> usize {
         padded8(self.nb)
     }
 }
 
+// The per-block and per-tile methods here are `#[inline]`: the generic driver calling them is
+// compiled in other codegen units, where a plain function would stay a call.
 impl Activations for Q8_1Acts {
     type Rows<'a> = Q8_1Rows<'a>;
 
@@ -109,6 +115,7 @@ impl Activations for Q8_1Acts {
         }
     }
 
+    #[inline]
     fn set_block(&mut self, r: usize, b: usize, q: &[i8; QK], d: f32, s: f32) {
         let (np, nb8) = (self.np(), self.nb8());
         let h = (b % 2) * 16;
@@ -119,6 +126,7 @@ impl Activations for Q8_1Acts {
         self.s[r * nb8 + b] = s;
     }
 
+    #[inline]
     fn rows(&self, r0: usize, nr: usize) -> Q8_1Rows<'_> {
         let (np, nb8) = (self.np(), self.nb8());
         Q8_1Rows {
@@ -132,6 +140,7 @@ impl Activations for Q8_1Acts {
 }
 
 impl<'a> Q8_1Rows<'a> {
+    #[inline]
     pub(super) fn np(&self) -> usize {
         pairs(self.nb)
     }
@@ -143,6 +152,7 @@ impl<'a> Q8_1Rows<'a> {
     }
 
     /// Values 0..16 and 16..32 of block `b` of row `r`.
+    #[inline]
     pub(super) fn halves(&self, r: usize, b: usize) -> (&'a [i8], &'a [i8]) {
         let pair: &'a [i8; 2 * QK] = &self.qs[r * self.np() + b / 2];
         let h = (b % 2) * 16;
@@ -184,11 +194,13 @@ impl Activations for Q8_0Acts {
         }
     }
 
+    #[inline]
     fn set_block(&mut self, r: usize, b: usize, q: &[i8; QK], d: f32, _s: f32) {
         let i = r * self.nb + b;
         (self.qs[i], self.d[i]) = (*q, d);
     }
 
+    #[inline]
     fn rows(&self, r0: usize, nr: usize) -> Q8_0Rows<'_> {
         let nb = self.nb;
         Q8_0Rows {
@@ -204,10 +216,12 @@ impl Activations for Q8_0Acts {
 macro_rules! tile_rows {
     ($($rows:ident),*) => {$(
         impl TileRows for $rows<'_> {
+            #[inline]
             fn row_count(&self) -> usize {
                 self.n
             }
 
+            #[inline]
             fn blocks(&self) -> usize {
                 self.nb
             }
@@ -219,6 +233,7 @@ tile_rows!(Q8_1Rows, Q8_0Rows);
 
 /// One activation block quantized: quants, `d` and `s` (both f16 values). Same bits from
 /// every kernel.
+#[inline]
 fn quantize_block(kernel: Kernel, xb: &[f32]) -> ([i8; QK], f32, f32) {
     match kernel {
         Kernel::Scalar => quantize_block_scalar(xb),

@@ -30,21 +30,27 @@ struct RowLayout {
     nb: usize,
 }
 
+// Used per tile and in the kernels' setup: inlined wherever they are used.
 impl RowLayout {
     /// Block pairs.
+    #[inline]
     fn np(self) -> usize {
         pairs(self.nb)
     }
     /// Blocks rounded up to a multiple of 8.
+    #[inline]
     fn nb8(self) -> usize {
         padded8(self.nb)
     }
+    #[inline]
     fn m_off(self) -> usize {
         4 * self.np()
     }
+    #[inline]
     fn nib_off(self) -> usize {
         self.m_off() + 2 * self.nb8()
     }
+    #[inline]
     fn row_bytes(self) -> usize {
         self.nib_off() + 16 * self.nb
     }
@@ -60,6 +66,7 @@ impl BlockFormat for Q4_1 {
     const PAD: usize = 16;
     type Acts = Q8_1Acts;
 
+    #[inline]
     fn row_bytes(nb: usize) -> usize {
         RowLayout { nb }.row_bytes()
     }

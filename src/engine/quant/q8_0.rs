@@ -33,6 +33,7 @@ impl BlockFormat for Q8_0 {
     const PAD: usize = 0;
     type Acts = Q8_0Acts;
 
+    #[inline]
     fn row_bytes(nb: usize) -> usize {
         nb * BLOCK_BYTES
     }
