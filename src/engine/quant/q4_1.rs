@@ -71,6 +71,7 @@ impl BlockFormat for Q4_1 {
         RowLayout { nb }.row_bytes()
     }
 
+    #[inline]
     fn repack_row(src: &[u8], dst: &mut [u8]) {
         let lay = RowLayout {
             nb: src.len() / BLOCK_BYTES,

@@ -38,6 +38,7 @@ impl BlockFormat for Q8_0 {
         nb * BLOCK_BYTES
     }
 
+    #[inline]
     fn repack_row(src: &[u8], dst: &mut [u8]) {
         let (scales, quants) = dst.split_at_mut(src.len() / BLOCK_BYTES * 2);
         for (b, blk) in src.chunks_exact(BLOCK_BYTES).enumerate() {
