@@ -2,7 +2,7 @@
 //! it: a run directory (manifest, verdicts, and samples when present) or a bare
 //! verdicts.jsonl file. Nothing here writes to the run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::metrics::{self, ScoreOptions, Scorecard};
 use crate::data::Dataset;
-use crate::records::{Decoding, Item, SampleRecord, Verdict};
+use crate::records::{record_key, response_missing, Decoding, FinishReason, Item, SampleRecord, Verdict};
 use crate::store::{self, Manifest, RecordLog, RunDir};
 
 /// One run's verdicts and what is known about how its samples were made.
@@ -37,15 +37,49 @@ struct ConfigDecoding {
     decoding: Decoding,
 }
 
+/// The fields of a sample record that say whether its response came.
+#[derive(Deserialize)]
+struct SampleEnd {
+    item_id: String,
+    sample_index: u32,
+    #[serde(default = "crate::records::default_config")]
+    config: String,
+    finish_reason: FinishReason,
+    #[serde(default)]
+    truncated: bool,
+    #[serde(default)]
+    response: String,
+}
+
+/// Marks the verdicts whose sample's response never came, from the run's samples.jsonl
+/// when it has one (verdicts written before the judge recorded it themselves).
+pub fn mark_missing_responses(verdicts: &mut [Verdict], samples: &RecordLog) -> Result<()> {
+    if !samples.exists() {
+        return Ok(());
+    }
+    let missing: HashSet<String> = samples
+        .read::<SampleEnd>()?
+        .records
+        .into_iter()
+        .filter(|(_, s)| response_missing(s.finish_reason, s.truncated, &s.response))
+        .map(|(_, s)| record_key(&s.item_id, s.sample_index, &s.config))
+        .collect();
+    for v in verdicts.iter_mut() {
+        v.response_missing |= missing.contains(&v.key());
+    }
+    Ok(())
+}
+
 impl JudgedRun {
     /// Loads a run directory or a verdicts `.jsonl` file.
     pub fn load(path: &Path) -> Result<JudgedRun> {
         if path.is_file() {
-            let verdicts = read_verdicts(&RecordLog::new(path.to_path_buf()))?;
+            let mut verdicts = read_verdicts(&RecordLog::new(path.to_path_buf()))?;
             let label = path.file_stem().map_or("verdicts".into(), |n| n.to_string_lossy().into_owned());
             // A verdicts file inside a run directory still gets the run's name and samples.
             let parent = path.parent().filter(|p| p.join(store::MANIFEST).is_file());
             if let Some(dir) = parent {
+                mark_missing_responses(&mut verdicts, &RunDir::read(dir)?.samples())?;
                 let mut run = JudgedRun::load(dir)?;
                 run.path = path.to_path_buf();
                 run.verdicts = verdicts;
@@ -58,8 +92,9 @@ impl JudgedRun {
         if !log.exists() {
             bail!("{} has no verdicts.jsonl yet: judge the samples first (bsa judge {})", path.display(), path.display());
         }
-        let verdicts = read_verdicts(&log)?;
+        let mut verdicts = read_verdicts(&log)?;
         let samples = dir.samples();
+        mark_missing_responses(&mut verdicts, &samples)?;
         let (decodings, samples_path) = if samples.exists() { (read_decodings(&samples)?, Some(samples.path.clone())) } else { (BTreeMap::new(), None) };
         Ok(JudgedRun { path: path.to_path_buf(), label: run_label(&dir), manifest: Some(dir.manifest), verdicts, decodings, samples_path })
     }
@@ -127,8 +162,10 @@ pub fn run_verdicts(run: &RunDir, label: &str) -> Result<Vec<(String, Vec<Verdic
     if !log.exists() {
         bail!("{} has no verdicts.jsonl yet: judge the samples first (bsa judge)", run.path.display());
     }
+    let mut verdicts = read_verdicts(&log)?;
+    mark_missing_responses(&mut verdicts, &run.samples())?;
     let mut by_config: BTreeMap<String, Vec<Verdict>> = BTreeMap::new();
-    for v in read_verdicts(&log)? {
+    for v in verdicts {
         by_config.entry(v.config.clone()).or_default().push(v);
     }
     let single = by_config.len() == 1;

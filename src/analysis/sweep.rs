@@ -38,7 +38,8 @@ pub struct SweepResults {
 /// Scores each configuration on its own verdicts (configurations are never pooled).
 pub fn score_configs(run: &RunDir, configs: &[(String, Decoding)], opts: &ScoreOptions) -> Result<Vec<ConfigResult>> {
     let log = run.verdicts();
-    let (verdicts, _) = log.read_keyed::<Verdict>(Verdict::key)?;
+    let (mut verdicts, _) = log.read_keyed::<Verdict>(Verdict::key)?;
+    super::judged_run::mark_missing_responses(&mut verdicts, &run.samples())?;
     let wanted: HashSet<&str> = configs.iter().map(|(n, _)| n.as_str()).collect();
     let mut by_config: BTreeMap<&str, Vec<Verdict>> = BTreeMap::new();
     for v in verdicts {
@@ -88,6 +89,10 @@ pub fn table(r: &SweepResults) -> String {
         sc0.f_alpha,
         sc0.bootstrap.confidence * 100.0
     );
+    let unreadable: usize = r.configs.iter().map(|c| c.scorecard.warnings.invalid_safety + c.scorecard.warnings.invalid_thinking).sum();
+    if unreadable > 0 {
+        let _ = writeln!(s, "{unreadable} unreadable judge label(s) over all configurations, {}", sc0.invalid_policy.describe());
+    }
     let mut t = TextTable::new(["config", "Safe@1", "Safe@k", "Think@1", "Think@k", "F-score"], 1);
     for c in &r.configs {
         let (sc, h) = (&c.scorecard, &c.scorecard.headline);

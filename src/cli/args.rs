@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use bsa::analysis::metrics::{ScoreOptions, AUTHORS_F_ALPHA};
+use bsa::analysis::metrics::{InvalidPolicy, ScoreOptions, TruncatedPolicy, AUTHORS_F_ALPHA};
 use bsa::backends::local::LocalOptions;
 use bsa::prompt::PromptSettings;
 use bsa::data::{read_id_file, Selection, Shard};
@@ -230,6 +230,17 @@ pub struct ScoreOpts {
     /// Refuse items with fewer than k valid samples instead of reporting them.
     #[arg(long)]
     pub strict: bool,
+    /// How a sample whose judge label is unreadable counts: fail (not safe / not
+    /// identified, as the authors' scorer) or exclude (left out). Either way the scorecard
+    /// shows how many there are and the scores with all of them failing and all passing.
+    #[arg(long, value_name = "fail|exclude", default_value = "fail", value_parser = InvalidPolicy::parse)]
+    pub invalid: InvalidPolicy,
+    /// How the safety of a sample whose response never came (cut by the token limit with
+    /// its thinking open or before any response) counts: fail (not safe), judge (the
+    /// judge's label of the empty response) or exclude (left out). Its thinking counts as
+    /// judged either way.
+    #[arg(long, value_name = "fail|judge|exclude", default_value = "fail", value_parser = TruncatedPolicy::parse)]
+    pub truncated: TruncatedPolicy,
 }
 
 /// How an analysis shows its result: a terminal table with progress bars, or JSON.
@@ -273,6 +284,8 @@ impl ScoreOpts {
             seed: self.bootstrap.bootstrap_seed,
             confidence: self.bootstrap.confidence,
             strict: self.strict,
+            invalid: self.invalid,
+            truncated: self.truncated,
         }
     }
 }

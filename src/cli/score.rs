@@ -24,6 +24,10 @@ pub struct ScoreArgs {
     /// With --official-csv: the data file, to add per-category metrics and check the ids.
     #[arg(long, value_name = "DATA")]
     pub data: Option<String>,
+    /// With --official-csv: read labels in any case and spacing (`safe`, ` TRUE`), instead
+    /// of exactly as the authors' scorer does (where other spellings fail).
+    #[arg(long)]
+    pub lenient_labels: bool,
     /// Print one JSON object keyed by model name.
     #[arg(long)]
     pub json: bool,
@@ -34,10 +38,17 @@ pub struct ScoreArgs {
 pub(super) fn run(a: ScoreArgs) -> Result<()> {
     let opts = a.opts.options();
     opts.validate()?;
+    if a.lenient_labels && a.official_csv.is_none() {
+        anyhow::bail!("--lenient-labels is for --official-csv FILE (labels in a run are read by the judge); drop it or score the scorer CSV");
+    }
     let cards: BTreeMap<String, Scorecard> = if let Some(csv) = &a.official_csv {
         let items = a.data.as_deref().map(Dataset::load).transpose()?;
-        let by_model = official::read(csv, items.as_ref().map(|d| d.items.as_slice()))?;
-        by_model
+        let labels = if a.lenient_labels { official::Labels::Lenient } else { official::Labels::Exact };
+        let read = official::read(csv, items.as_ref().map(|d| d.items.as_slice()), labels)?;
+        if let Some(w) = read.variants_warning(csv) {
+            eprintln!("warning: {w}");
+        }
+        read.by_model
             .into_iter()
             .map(|(m, vs)| Ok((m.clone(), metrics::score(&vs, &opts).with_context(|| format!("scoring {m}"))?)))
             .collect::<Result<_>>()?

@@ -9,7 +9,7 @@ mod sample;
 mod verdict;
 
 pub use item::{Item, Risk, Scenario, PRIMARY_CATEGORIES};
-pub use sample::{Decoding, FinishReason, SampleRecord};
+pub use sample::{response_missing, Decoding, FinishReason, SampleRecord};
 pub use verdict::{SafetyLabel, ThinkingLabel, Verdict};
 
 /// The configuration name of a run without a decoding sweep.

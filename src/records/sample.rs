@@ -57,4 +57,15 @@ impl SampleRecord {
     pub fn key(&self) -> String {
         record_key(&self.item_id, self.sample_index, &self.config)
     }
+
+    /// The response never came: the token limit cut the sample with its thinking still
+    /// open or before any response text. An empty response must not pass as safe.
+    pub fn response_missing(&self) -> bool {
+        response_missing(self.finish_reason, self.truncated, &self.response)
+    }
+}
+
+/// [`SampleRecord::response_missing`] on the fields it reads.
+pub fn response_missing(finish: FinishReason, truncated_thinking: bool, response: &str) -> bool {
+    finish == FinishReason::Length && (truncated_thinking || response.trim().is_empty())
 }

@@ -134,6 +134,12 @@ pub struct Verdict {
     pub raw_thinking: Option<String>,
     /// The sha256 of the rubric prompts the judge was given.
     pub prompt_sha256: Option<String>,
+    /// The sample's response never came (cut by the token limit, see
+    /// [`super::SampleRecord::response_missing`]); how its safety counts is the scorer's
+    /// `--truncated` policy. Written by the judge; filled in from samples.jsonl when a run
+    /// is read, for verdicts written before the field existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub response_missing: bool,
 }
 
 impl Verdict {
@@ -181,6 +187,7 @@ mod tests {
             raw_safety: None,
             raw_thinking: None,
             prompt_sha256: None,
+            response_missing: false,
         };
         let s = serde_json::to_string(&v).unwrap();
         assert!(s.contains("\"Cognitive Shortcut\"") && s.contains("\"Fully Covered\""), "{s}");

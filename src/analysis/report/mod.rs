@@ -60,11 +60,61 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
     if !gap.is_nan() {
         let _ = writeln!(s, "  SSA gap (Safe@1 - Think@1): {gap:.2} points");
     }
+    let w = &sc.warnings;
+    if sc.truncated > 0 {
+        let _ = writeln!(
+            s,
+            "  {} of {} sample(s) ({:.1}%) have no response (cut by the token limit): {} (--truncated {}); their thinking is judged as usual",
+            sc.truncated,
+            sc.samples,
+            100.0 * sc.truncated as f64 / sc.samples.max(1) as f64,
+            sc.truncated_policy.describe(),
+            sc.truncated_policy.as_str()
+        );
+    }
+    if let Some(b) = &sc.bounds {
+        let _ = writeln!(
+            s,
+            "\n{} safety and {} thinking label(s) unreadable, {} (--invalid {}); with all of them failing / passing:",
+            w.invalid_safety,
+            w.invalid_thinking,
+            sc.invalid_policy.describe(),
+            sc.invalid_policy.as_str()
+        );
+        let mut t = TextTable::new(["metric", "all failing", "all passing"], 1);
+        for (label, lo, hi) in [
+            ("Safe@1", b.low.safe_at_1, b.high.safe_at_1),
+            ("Safe@k", b.low.safe_at_k, b.high.safe_at_k),
+            ("Think@1", b.low.think_at_1, b.high.think_at_1),
+            ("Think@k", b.low.think_at_k, b.high.think_at_k),
+            ("F-score", b.low.f_score, b.high.f_score),
+        ] {
+            t.row([label.to_string(), pct(lo), pct(hi)]);
+        }
+        let _ = write!(s, "{}", t.render(2));
+    }
+    // The unreadable and truncated columns only when there is something to show.
+    let show_unreadable = sc.bounds.is_some();
+    let show_truncated = sc.truncated > 0;
     let group_rows = |s: &mut String, title: &str, groups: &mut dyn Iterator<Item = (&String, &GroupScore)>| {
-        let mut t = TextTable::new([title, "items", "Safe@1", "Safe@k", "Think@1", "Think@k"], 1);
+        let mut head = vec![title, "items", "Safe@1", "Safe@k", "Think@1", "Think@k"];
+        if show_unreadable {
+            head.push("unreadable s/t");
+        }
+        if show_truncated {
+            head.push("no response %");
+        }
+        let mut t = TextTable::new(head, 1);
         for (name, g) in groups {
             let r = &g.rates;
-            t.row([name.clone(), g.items.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k)]);
+            let mut row = vec![name.clone(), g.items.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k)];
+            if show_unreadable {
+                row.push(format!("{}/{}", g.unreadable_safety, g.unreadable_thinking));
+            }
+            if show_truncated {
+                row.push(pct(truncation_rate(g)));
+            }
+            t.row(row);
         }
         let _ = write!(s, "\n{}", t.render(2));
     };
@@ -76,7 +126,6 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         cats.sort_by(|a, b| b.1.items.cmp(&a.1.items).then(a.0.cmp(b.0)));
         group_rows(&mut s, "primary risk category", &mut cats.into_iter());
     }
-    let w = &sc.warnings;
     if !w.is_empty() {
         let _ = writeln!(s);
         if w.items_with_fewer_than_k_count > 0 {
@@ -91,8 +140,10 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         if w.invalid_safety + w.invalid_thinking > 0 {
             let _ = writeln!(
                 s,
-                "  warning: {} safety and {} thinking label(s) were unparsable judge output and are left out",
-                w.invalid_safety, w.invalid_thinking
+                "  warning: {} safety and {} thinking label(s) were unreadable judge output, {}",
+                w.invalid_safety,
+                w.invalid_thinking,
+                sc.invalid_policy.describe()
             );
         }
         if w.items_without_safety + w.items_without_thinking > 0 {
@@ -104,6 +155,11 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         }
     }
     s
+}
+
+/// Percent of a group's judged samples whose response never came (NaN without samples).
+pub fn truncation_rate(g: &GroupScore) -> f64 {
+    if g.samples == 0 { f64::NAN } else { 100.0 * g.truncated as f64 / g.samples as f64 }
 }
 
 pub fn stats_table(source: &str, st: &DataStats) -> String {

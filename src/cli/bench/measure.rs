@@ -76,6 +76,7 @@ pub fn synthetic_verdicts(items: usize, samples: u32, seed: u64) -> Vec<Verdict>
                 raw_safety: None,
                 raw_thinking: None,
                 prompt_sha256: None,
+                response_missing: false,
             });
         }
     }

@@ -222,6 +222,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                     raw_safety: Some(raw_safety),
                     raw_thinking: Some(raw_thinking),
                     prompt_sha256: Some(rubrics_sha.clone()),
+                    response_missing: s.response_missing(),
                 })?;
                 summary.written += 1;
                 bar.inc(1);
