@@ -80,3 +80,49 @@ fn bad_judge_settings_are_refused() {
     assert!(e.contains("thinking_risk_omission.txt"), "{e}");
     assert!(!run.join("verdicts.jsonl").exists());
 }
+
+/// kill -9 during `bsa judge` loses nothing already answered: verdicts are appended as
+/// replies arrive (here one sequence at a time), not when the round ends, and a rerun
+/// judges only the rest.
+#[test]
+fn a_killed_judge_keeps_what_was_answered_and_resumes() {
+    let Some(model) = smollm2_arg() else { return };
+    let (_dir, run) = temp_path("run");
+    let run_s = run.to_str().unwrap();
+    ok(&bsa(&["generate", "--model", &model, "--scenario", "RO", "--limit", "3", "--samples", "2", "--max-new-tokens", "4", "--quiet", "--out", run_s]));
+    let verdicts_path = run.join("verdicts.jsonl");
+    let judge = ["judge", run_s, "--judge", &model, "--judge-prefill", "--judge-retries", "0", "--batch-size", "1", "--quiet"];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bsa"))
+        .args(judge)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
+    // Wait for the first verdict while the judge is still running, then kill it.
+    loop {
+        assert!(child.try_wait().unwrap().is_none(), "the judge ended before any verdict was seen written mid-round");
+        if lines(&verdicts_path) >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no verdict within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    let kept = std::fs::read_to_string(&verdicts_path).unwrap();
+    let whole: Vec<&str> = kept.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).collect();
+    assert!(!whole.is_empty() && whole.len() < 6, "{} verdicts written before the kill, of 6", whole.len());
+    // The rerun keeps every line already there and judges the rest, each sample once.
+    ok(&bsa(&judge));
+    let after = std::fs::read_to_string(&verdicts_path).unwrap();
+    for l in &whole {
+        assert!(after.contains(l), "a verdict written before the kill is gone: {l}");
+    }
+    let all = records(&verdicts_path);
+    assert_eq!(all.len(), 6, "{after}");
+    let keys: std::collections::HashSet<String> = all.iter().map(|v| format!("{}#{}", v["item_id"], v["sample_index"])).collect();
+    assert_eq!(keys.len(), 6);
+}

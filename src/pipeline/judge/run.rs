@@ -78,36 +78,26 @@ fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
     backends::open(&opts.judge, "--judge", &settings, &opts.local, &opts.remote)
 }
 
-/// One greedy reply per conversation, in order; a conversation with a reply start
-/// (`starts[i]`, local judges only) continues it, and its reply includes it. A judge that
-/// thinks (a reasoning model behind a server) is read from its answer, not its reasoning.
-fn replies(backend: &mut dyn Backend, conversations: &[&[Message]], starts: &[Option<String>], max_new_tokens: usize) -> Result<Vec<String>> {
-    let requests = conversations
+/// The backend requests of one round: one greedy reply per judge request, tagged by its
+/// index; with `prefill` (local judges only) the reply starts at the label's key and
+/// includes it.
+fn round_requests(requests: &[Request], prefill: bool, max_new_tokens: usize) -> Vec<backends::Request> {
+    requests
         .iter()
-        .zip(starts)
         .enumerate()
-        .map(|(tag, (msgs, start))| {
+        .map(|(tag, r)| {
+            let start = prefill.then(|| reply_start(r.family));
             // The label is a few tokens after the key: no room to ramble.
             let max_new_tokens = if start.is_some() { max_new_tokens.min(PREFILLED_MAX_NEW_TOKENS) } else { max_new_tokens };
             let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens, stop: Vec::new() };
             backends::Request {
                 label: format!("judge request {tag}"),
-                messages: msgs.to_vec(),
-                reply_start: start.clone(),
+                messages: r.messages.clone(),
+                reply_start: start,
                 samples: vec![SampleRequest { tag, decoding, stream: StreamKey::new(0, "judge", tag as u32), seed: Some(0) }],
             }
         })
-        .collect();
-    let mut out = vec![String::new(); conversations.len()];
-    backend.complete(
-        requests,
-        &mut |c| {
-            out[c.tag] = c.text;
-            Ok(())
-        },
-        &mut |_| {},
-    )?;
-    Ok(out)
+        .collect()
 }
 
 /// One judge request: a conversation so far and what it is for.
@@ -182,14 +172,19 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     let rubrics_sha = rubrics.sha256_hex();
     let start = Instant::now();
 
+    // Each reply is handled as it arrives (local: as its sequence finishes in the
+    // continuous batch; remote: as its response comes), and a verdict is appended as soon as
+    // both of its labels are final, so a killed judge loses only what was in flight.
     while !requests.is_empty() {
-        let conversations: Vec<&[Message]> = requests.iter().map(|r| r.messages.as_slice()).collect();
-        summary.judge_calls += conversations.len();
-        let starts: Vec<Option<String>> = requests.iter().map(|r| opts.prefill.then(|| reply_start(r.family))).collect();
-        let mut replies = replies(backend.as_mut(), &conversations, &starts, opts.max_new_tokens)?;
+        summary.judge_calls += requests.len();
+        let batch = round_requests(&requests, opts.prefill, opts.max_new_tokens);
+        let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
         let mut next = Vec::new();
-        for (tag, r) in requests.into_iter().enumerate() {
-            let raw = std::mem::take(&mut replies[tag]);
+        let mut on_reply = |c: backends::Completion| -> Result<()> {
+            // A judge that thinks (a reasoning model behind a server) is read from its
+            // answer, not its reasoning.
+            let raw = c.text;
+            let r = slots[c.tag].take().with_context(|| format!("judge request {} answered twice", c.tag))?;
             let item = &items[&todo[r.sample].item_id];
             match parse_label(r.family, &raw) {
                 Ok(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),
@@ -227,6 +222,11 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                 summary.written += 1;
                 bar.inc(1);
             }
+            Ok(())
+        };
+        backend.complete(batch, &mut on_reply, &mut |_| {})?;
+        if let Some(tag) = slots.iter().position(Option::is_some) {
+            bail!("the judge backend returned no reply for judge request {tag}");
         }
         requests = next;
     }
