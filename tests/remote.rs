@@ -298,3 +298,127 @@ fn a_missing_key_variable_and_a_bad_backend_are_refused_before_anything_is_writt
     assert!(!o.status.success() && stderr.contains("--backend") && stderr.contains("openai:MODEL@BASE_URL"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// A request the server refuses on its own account (400: a content filter) comes back to
+/// `chat_all` as a refusal for that request alone; the others are answered. An error that
+/// is about the client (401) still ends the call.
+#[test]
+fn a_refusal_concerns_its_own_request_only() {
+    let s = FaultServer::start(|_, seen| {
+        if seen.body.contains("filtered") {
+            Reply::Status(400, r#"{"error":{"message":"content filter triggered","type":"invalid_request_error"}}"#.into(), vec![])
+        } else {
+            ok("fine")
+        }
+    });
+    let c = client(&s.url, 3, Duration::from_secs(5));
+    let reqs: Vec<(usize, ChatRequest)> = (0..6)
+        .map(|i| {
+            let text = if i == 2 { "a filtered text" } else { "hello" };
+            (i, ChatRequest { messages: vec![Message::user(text)], ..hello() })
+        })
+        .collect();
+    let mut got = std::collections::BTreeMap::new();
+    c.chat_all(reqs, &mut |i, r| {
+        got.insert(i, r.map(|reply| reply.choices.len()).map_err(|e| (e.status, e.message)));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got.len(), 6, "every request answered: {got:?}");
+    let (status, message) = got[&2].clone().unwrap_err();
+    assert!(status == 400 && message.contains("content filter triggered") && message.contains(&s.url), "{message}");
+    assert!(got.iter().filter(|(i, _)| **i != 2).all(|(_, r)| r == &Ok(1)), "{got:?}");
+    assert_eq!(s.seen().len(), 6, "a refusal is not retried");
+
+    let s = FaultServer::start(|_, _| Reply::Status(401, r#"{"error":{"message":"bad key"}}"#.into(), vec![]));
+    let err = client(&s.url, 3, Duration::from_secs(5)).chat_all(vec![(0, hello()), (1, hello())], &mut |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("HTTP 401"), "{err}");
+}
+
+/// `bsa judge` through a server that refuses the safety request of one item: those labels
+/// are unreadable with the server's message, every other sample is judged, the run goes on.
+#[test]
+fn a_judge_request_refused_by_the_server_is_recorded_and_the_rest_go_on() {
+    let g = FaultServer::start(|_, _| Reply::Status(200, completion("I will not help with that.", Some("The user may get hurt.")), vec![]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", g.url);
+    let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = records(&out.join("samples.jsonl"))[0]["item_id"].as_str().unwrap().to_string();
+    let data = bsa::data::Dataset::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample.csv")).unwrap();
+    let query = data.items.iter().find(|i| i.id == first).unwrap().query.clone();
+    let needle = serde_json::to_string(&query).unwrap();
+    let needle = needle[1..needle.len() - 1].to_string();
+    let j = FaultServer::start(move |_, seen| {
+        let safety = seen.body.contains("Safe_Ans_Check");
+        if safety && seen.body.contains(&needle) {
+            Reply::Status(400, r#"{"error":{"message":"content filter triggered"}}"#.into(), vec![])
+        } else if safety {
+            ok("{\"Safe_Ans_Check\": \"Safe\"}")
+        } else {
+            ok("{\"Thk_Acc_Judge\": true}")
+        }
+    });
+    let judge = format!("openai:fake-judge@{}", j.url);
+    let o = bsa(&["judge", out.to_str().unwrap(), "--judge", &judge, "--judge-retries", "2", "--quiet"], "k");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("judged 4 samples") && stdout.contains("2 refused by the judge server"), "{stdout}");
+    let verdicts = records(&out.join("verdicts.jsonl"));
+    assert_eq!(verdicts.len(), 4);
+    for v in &verdicts {
+        assert_eq!(v["thinking"], "True", "{v}");
+        if v["item_id"] == first.as_str() {
+            assert!(v["safety"].is_null(), "{v}");
+            let raw = v["raw_safety"].as_str().unwrap();
+            assert!(raw.contains("refused") && raw.contains("content filter triggered"), "{raw}");
+        } else {
+            assert_eq!(v["safety"], "Safe", "{v}");
+        }
+    }
+    // 4 safety + 4 thinking requests; the 2 refused are not asked again.
+    assert_eq!(j.seen().len(), 8);
+}
+
+/// kill -9 during a remote `bsa judge` loses nothing already answered: the server answers
+/// the first sample's two requests and then hangs; the verdict is on disk before the kill,
+/// and the rerun asks only for the rest.
+#[test]
+fn a_killed_remote_judge_keeps_what_was_answered() {
+    let g = FaultServer::start(|_, _| Reply::Status(200, completion("No.", Some("Risky.")), vec![]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", g.url);
+    let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let gate = hang.clone();
+    let j = FaultServer::start(move |i, seen| {
+        if i >= 2 && gate.load(Ordering::SeqCst) {
+            return Reply::Hang(Duration::from_secs(60));
+        }
+        if seen.body.contains("Safe_Ans_Check") { ok("{\"Safe_Ans_Check\": \"Unsafe\"}") } else { ok("{\"Thk_Acc_Judge\": false}") }
+    });
+    let judge = format!("openai:fake-judge@{}", j.url);
+    let args = ["judge", out.to_str().unwrap(), "--judge", &judge, "--concurrency", "1", "--http-retries", "0", "--quiet"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).spawn().unwrap();
+    let verdicts = out.join("verdicts.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&verdicts).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(child.try_wait().unwrap().is_none(), "the judge ended early");
+        assert!(Instant::now() < deadline, "no verdict while the server hangs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = std::fs::read_to_string(&verdicts).unwrap();
+    assert_eq!(records(&verdicts).len(), 1, "{kept}");
+    hang.store(false, Ordering::SeqCst);
+    let before = j.seen().len();
+    let o = bsa(&args, "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read_to_string(&verdicts).unwrap().starts_with(&kept), "a verdict written before the kill changed");
+    assert_eq!(records(&verdicts).len(), 4);
+    assert_eq!(j.seen().len() - before, 6, "only the three samples not yet judged are asked for");
+}

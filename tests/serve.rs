@@ -273,7 +273,7 @@ fn a_clients_concurrent_requests_share_decode_steps() {
     let req = ChatRequest { messages: vec![Message::user("Write a long story about a lighthouse.")], n: 1, temperature: 0.0, top_p: 1.0, max_tokens: 24, ..Default::default() };
     let mut lens = Vec::new();
     client.chat_all((0..16).map(|i| (i, req.clone())).collect(), &mut |_, r| {
-        lens.push(r.completion_tokens);
+        lens.push(r?.completion_tokens);
         Ok(())
     })
     .unwrap();

@@ -331,7 +331,7 @@ impl Backend for LocalBackend {
             if let Some(start) = start {
                 text.insert_str(0, start);
             }
-            on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len() })
+            on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len(), refused: None })
         };
         let mut on_step = |s: scheduler::StepStats| on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running });
         scheduler::run(m.model.as_ref(), &mut self.cache, &self.sched, groups, &mut stop, &mut on_done, &mut on_step)

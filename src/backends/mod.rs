@@ -30,6 +30,10 @@ pub struct Request {
     /// Text the reply starts with; the model continues it (local backends only).
     pub reply_start: Option<String>,
     pub samples: Vec<SampleRequest>,
+    /// A server's refusal of this one request ([`openai::Refusal`]: a content filter, a
+    /// prompt too long) comes back as a [`Completion`] with `refused` set instead of failing
+    /// the whole call. Local backends never refuse.
+    pub accept_refusal: bool,
 }
 
 /// One sample of a [`Request`].
@@ -57,9 +61,17 @@ pub struct Completion {
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// The server's refusal of the request (its message); the text is empty. Only for
+    /// requests with [`Request::accept_refusal`].
+    pub refused: Option<String>,
 }
 
 impl Completion {
+    /// The completion of a refused request: no text, the server's message.
+    pub fn refused(tag: usize, message: String) -> Completion {
+        Completion { tag, text: String::new(), reasoning: None, finish: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0, refused: Some(message) }
+    }
+
     /// Thinking and response: the server's reasoning field when it has one, else the think
     /// tags in the text (an R1-style text with only `</think>` counts its first part as
     /// thinking).
@@ -149,7 +161,7 @@ mod tests {
     use super::*;
 
     fn completion(text: &str, reasoning: Option<&str>, finish: FinishReason) -> Completion {
-        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1 }
+        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1, refused: None }
     }
 
     #[test]

@@ -157,7 +157,7 @@ impl ChatChoice {
     /// This choice as the [`Completion`] of sample `tag`.
     pub fn into_completion(self, tag: usize, prompt_tokens: usize, completion_tokens: usize) -> Completion {
         let finish = self.finish();
-        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens }
+        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None }
     }
 
     /// Thinking and response (see [`Completion::split`]).
@@ -215,7 +215,28 @@ struct Failure {
     message: String,
     retry: bool,
     retry_after: Option<Duration>,
+    /// The HTTP status, when the server answered with one.
+    status: Option<u16>,
 }
+
+/// A server's refusal of one request that says nothing about the others: HTTP 400, 413 or
+/// 422 (a content filter on one text, a prompt too long), not retried. [`Client::chat`]
+/// fails with it as the error (`downcast_ref`), so a caller may record the refusal for that
+/// request and go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// The URL, the status and the server's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 impl Client {
     pub fn new(endpoint: Endpoint, opts: ClientOptions) -> Result<Client> {
@@ -247,6 +268,9 @@ impl Client {
                 Ok(reply) => return Ok(reply),
                 Err(f) => f,
             };
+            if let (false, Some(status @ (400 | 413 | 422))) = (failure.retry, failure.status) {
+                return Err(anyhow::Error::new(Refusal { status, message: format!("{url}: {}", failure.message) }));
+            }
             if !failure.retry || attempt >= self.opts.retries {
                 let tries = if failure.retry { format!(" (after {} attempts)", attempt + 1) } else { String::new() };
                 bail!("{url}: {}{tries}", failure.message);
@@ -276,11 +300,12 @@ impl Client {
         }
         match r.send_string(body) {
             Ok(resp) => {
-                let text = resp.into_string().map_err(|e| Failure { message: format!("reading the reply: {e}"), retry: true, retry_after: None })?;
+                let text = resp.into_string().map_err(|e| Failure { message: format!("reading the reply: {e}"), retry: true, retry_after: None, status: None })?;
                 parse_reply(&text).ok_or_else(|| Failure {
                     message: format!("the server answered 200 with a body that is not a chat completion: {}", snippet(&text)),
                     retry: true,
                     retry_after: None,
+                    status: Some(200),
                 })
             }
             Err(ureq::Error::Status(code, resp)) => {
@@ -296,9 +321,9 @@ impl Client {
                     404 => " (check the model name and the base URL, which usually ends in /v1)",
                     _ => "",
                 };
-                Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry, retry_after })
+                Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry, retry_after, status: Some(code) })
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure { message: format!("{t}"), retry: true, retry_after: None }),
+            Err(ureq::Error::Transport(t)) => Err(Failure { message: format!("{t}"), retry: true, retry_after: None, status: None }),
         }
     }
 
@@ -309,7 +334,7 @@ impl Client {
     pub fn chat_all<T: Send>(
         &self,
         requests: Vec<(T, ChatRequest)>,
-        on_reply: &mut dyn FnMut(T, ChatReply) -> Result<()>,
+        on_reply: &mut dyn FnMut(T, std::result::Result<ChatReply, Refusal>) -> Result<()>,
     ) -> Result<()> {
         let queue = Mutex::new(requests.into_iter());
         let failed = std::sync::atomic::AtomicBool::new(false);
@@ -325,7 +350,8 @@ impl Client {
                     }
                     let Some((tag, req)) = queue.lock().unwrap().next() else { break };
                     let r = self.chat(&req);
-                    if r.is_err() {
+                    // A refusal concerns its own request only: the others go on.
+                    if r.as_ref().is_err_and(|e| e.downcast_ref::<Refusal>().is_none()) {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     if tx.send((tag, r)).is_err() {
@@ -339,17 +365,26 @@ impl Client {
             for (tag, r) in rx {
                 match r {
                     // Replies that arrive after a failed request are still handed over.
-                    Ok(reply) if !caller_failed => {
-                        if let Err(e) = on_reply(tag, reply) {
+                    Ok(_) | Err(_) if caller_failed => {}
+                    Ok(reply) => {
+                        if let Err(e) = on_reply(tag, Ok(reply)) {
                             failed.store(true, std::sync::atomic::Ordering::Relaxed);
                             caller_failed = true;
                             first_err.get_or_insert(e);
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                    Err(e) => match e.downcast::<Refusal>() {
+                        Ok(refusal) => {
+                            if let Err(e) = on_reply(tag, Err(refusal)) {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                caller_failed = true;
+                                first_err.get_or_insert(e);
+                            }
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    },
                 }
             }
             first_err.map_or(Ok(()), Err)
@@ -481,13 +516,17 @@ impl Backend for OpenAiBackend {
                 bail!("{}: an OpenAI-compatible server cannot be given the start of a reply ({})", self.client.endpoint.base_url, r.label);
             }
             for s in &r.samples {
-                calls.push(((s.tag, r.label.as_str()), self.chat_request(r, s)));
+                calls.push(((s.tag, r.label.as_str(), r.accept_refusal), self.chat_request(r, s)));
             }
         }
         let url = self.client.endpoint.chat_url();
-        self.client.chat_all(calls, &mut |(tag, label), reply| {
-            let choice = reply.choices.into_iter().next().with_context(|| format!("{url}: a reply with no choice for {label}"))?;
-            on_completion(choice.into_completion(tag, reply.prompt_tokens, reply.completion_tokens))
+        self.client.chat_all(calls, &mut |(tag, label, accept_refusal), reply| match reply {
+            Ok(reply) => {
+                let choice = reply.choices.into_iter().next().with_context(|| format!("{url}: a reply with no choice for {label}"))?;
+                on_completion(choice.into_completion(tag, reply.prompt_tokens, reply.completion_tokens))
+            }
+            Err(r) if accept_refusal => on_completion(Completion::refused(tag, r.message)),
+            Err(r) => Err(anyhow::Error::new(r).context(format!("the server refused {label}"))),
         })
     }
 }

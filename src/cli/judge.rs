@@ -48,13 +48,14 @@ pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
         println!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
     } else {
         println!(
-            "{}: judged {} samples ({} already judged) with {} judge calls in {:.1} s; {} label(s) unreadable after retries",
+            "{}: judged {} samples ({} already judged) with {} judge calls in {:.1} s; {} label(s) unreadable after retries{}",
             run.display(),
             s.written,
             s.skipped,
             s.judge_calls,
             s.seconds,
-            s.invalid_labels
+            s.invalid_labels,
+            if s.refused > 0 { format!(" ({} refused by the judge server; their verdicts keep its message)", s.refused) } else { String::new() }
         );
     }
 }

@@ -63,6 +63,8 @@ pub struct JudgeSummary {
     pub written: usize,
     pub skipped: usize,
     pub invalid_labels: usize,
+    /// Of those, labels whose request the judge server refused (counted in `invalid_labels`).
+    pub refused: usize,
     pub judge_calls: usize,
     pub seconds: f64,
 }
@@ -94,6 +96,9 @@ fn round_requests(requests: &[Request], prefill: bool, max_new_tokens: usize) ->
                 label: format!("judge request {tag}"),
                 messages: r.messages.clone(),
                 reply_start: start,
+                // A refusal of one judge request (a content filter on one sample) leaves
+                // that label unreadable with the server's message; the rest go on.
+                accept_refusal: true,
                 samples: vec![SampleRequest { tag, decoding, stream: StreamKey::new(0, "judge", tag as u32), seed: Some(0) }],
             }
         })
@@ -183,18 +188,24 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         let mut on_reply = |c: backends::Completion| -> Result<()> {
             // A judge that thinks (a reasoning model behind a server) is read from its
             // answer, not its reasoning.
-            let raw = c.text;
             let r = slots[c.tag].take().with_context(|| format!("judge request {} answered twice", c.tag))?;
             let item = &items[&todo[r.sample].item_id];
-            match parse_label(r.family, &raw) {
+            let raw = c.text;
+            match c.refused.map_or_else(|| parse_label(r.family, &raw).map_err(|_| None), |m| Err(Some(m))) {
                 Ok(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),
-                Err(_) if r.attempt < opts.retries => {
+                // Refused: asking again would be refused again.
+                Err(Some(message)) => {
+                    summary.invalid_labels += 1;
+                    summary.refused += 1;
+                    settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(refused by the judge server: {message})"));
+                }
+                Err(None) if r.attempt < opts.retries => {
                     let mut messages = r.messages;
                     messages.push(Message::assistant(raw));
                     messages.push(Message::user(repair_request(r.family)));
                     next.push(Request { messages, attempt: r.attempt + 1, ..r });
                 }
-                Err(_) => {
+                Err(None) => {
                     summary.invalid_labels += 1;
                     settle(&mut pending[r.sample], r.family, item.scenario, None, raw);
                 }
