@@ -21,7 +21,7 @@ use crate::backends::openai::ClientOptions;
 use crate::backends::{self, Backend, PromptSettings, SampleRequest};
 use crate::data::Dataset;
 use crate::engine::sampler::StreamKey;
-use crate::progress::progress_bar;
+use crate::progress::progress_bar_with_eta;
 use crate::prompt::Message;
 use crate::records::{Decoding, Item, SampleRecord, Scenario};
 use crate::store::{JobSpec, OnExisting, RunDir};
@@ -172,7 +172,9 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         }
     }
 
-    let bar = progress_bar(opts.progress, todo.len() as u64, "judged");
+    // Samples judged, the time left, and judge calls answered per second.
+    let bar = progress_bar_with_eta(opts.progress, todo.len() as u64, "judged");
+    let mut answered = 0usize;
     let mut appender = verdict_log.appender()?;
     let rubrics_sha = rubrics.sha256_hex();
     let start = Instant::now();
@@ -189,6 +191,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
             // A judge that thinks (a reasoning model behind a server) is read from its
             // answer, not its reasoning.
             let r = slots[c.tag].take().with_context(|| format!("judge request {} answered twice", c.tag))?;
+            answered += 1;
+            bar.set_message(format!("{:.1} calls/s", answered as f64 / start.elapsed().as_secs_f64().max(1e-3)));
             let item = &items[&todo[r.sample].item_id];
             let raw = c.text;
             match c.refused.map_or_else(|| parse_label(r.family, &raw).map_err(|_| None), |m| Err(Some(m))) {
