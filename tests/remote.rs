@@ -339,12 +339,7 @@ fn a_refusal_concerns_its_own_request_only() {
 /// are unreadable with the server's message, every other sample is judged, the run goes on.
 #[test]
 fn a_judge_request_refused_by_the_server_is_recorded_and_the_rest_go_on() {
-    let g = FaultServer::start(|_, _| Reply::Status(200, completion("I will not help with that.", Some("The user may get hurt.")), vec![]));
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let backend = format!("openai:fake-model@{}", g.url);
-    let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_dir, out) = generated_run();
     let first = records(&out.join("samples.jsonl"))[0]["item_id"].as_str().unwrap().to_string();
     let data = bsa::data::Dataset::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample.csv")).unwrap();
     let query = data.items.iter().find(|i| i.id == first).unwrap().query.clone();
@@ -386,12 +381,7 @@ fn a_judge_request_refused_by_the_server_is_recorded_and_the_rest_go_on() {
 /// and the rerun asks only for the rest.
 #[test]
 fn a_killed_remote_judge_keeps_what_was_answered() {
-    let g = FaultServer::start(|_, _| Reply::Status(200, completion("No.", Some("Risky.")), vec![]));
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let backend = format!("openai:fake-model@{}", g.url);
-    let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_dir, out) = generated_run();
     let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let gate = hang.clone();
     let j = FaultServer::start(move |i, seen| {
@@ -421,4 +411,16 @@ fn a_killed_remote_judge_keeps_what_was_answered() {
     assert!(std::fs::read_to_string(&verdicts).unwrap().starts_with(&kept), "a verdict written before the kill changed");
     assert_eq!(records(&verdicts).len(), 4);
     assert_eq!(j.seen().len() - before, 6, "only the three samples not yet judged are asked for");
+}
+
+/// A run of 4 samples (2 Risk Omission items x 2) generated through a server that always
+/// answers; the directory lives as long as the returned guard.
+fn generated_run() -> (tempfile::TempDir, std::path::PathBuf) {
+    let g = FaultServer::start(|_, _| Reply::Status(200, completion("I will not help with that.", Some("The user may get hurt.")), vec![]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", g.url);
+    let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (dir, out)
 }
