@@ -113,6 +113,14 @@ struct Request {
     attempt: u32,
 }
 
+/// What one judge reply came to.
+enum Read {
+    Label(String),
+    Unreadable,
+    /// The judge server refused the request; its message.
+    Refused(String),
+}
+
 /// Labels of one sample as they become final.
 #[derive(Default)]
 struct Pending {
@@ -195,21 +203,25 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
             bar.set_message(format!("{:.1} calls/s", answered as f64 / start.elapsed().as_secs_f64().max(1e-3)));
             let item = &items[&todo[r.sample].item_id];
             let raw = c.text;
-            match c.refused.map_or_else(|| parse_label(r.family, &raw).map_err(|_| None), |m| Err(Some(m))) {
-                Ok(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),
-                // Refused: asking again would be refused again.
-                Err(Some(message)) => {
+            let read = match c.refused {
+                Some(message) => Read::Refused(message),
+                None => parse_label(r.family, &raw).map_or(Read::Unreadable, Read::Label),
+            };
+            match read {
+                Read::Label(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),
+                // Asking again would be refused again.
+                Read::Refused(message) => {
                     summary.invalid_labels += 1;
                     summary.refused += 1;
                     settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(refused by the judge server: {message})"));
                 }
-                Err(None) if r.attempt < opts.retries => {
+                Read::Unreadable if r.attempt < opts.retries => {
                     let mut messages = r.messages;
                     messages.push(Message::assistant(raw));
                     messages.push(Message::user(repair_request(r.family)));
                     next.push(Request { messages, attempt: r.attempt + 1, ..r });
                 }
-                Err(None) => {
+                Read::Unreadable => {
                     summary.invalid_labels += 1;
                     settle(&mut pending[r.sample], r.family, item.scenario, None, raw);
                 }
