@@ -67,7 +67,7 @@ impl InvalidPolicy {
     pub fn describe(self) -> &'static str {
         match self {
             InvalidPolicy::Fail => "counted as failures (not safe / not identified), as the authors' scorer does",
-            InvalidPolicy::Exclude => "left out of the rates (--invalid exclude)",
+            InvalidPolicy::Exclude => "left out of the rates",
             InvalidPolicy::Pass => "counted as passing",
         }
     }
@@ -511,7 +511,7 @@ pub fn score(verdicts: &[Verdict], opts: &ScoreOptions) -> Result<Scorecard> {
     }
     if opts.strict && warnings.items_with_fewer_than_k_count > 0 {
         bail!(
-            "--strict: {} item(s) have fewer than k={} valid samples (e.g. {}); generate or judge the missing samples, or drop --strict to report them",
+            "--strict: {} item(s) have fewer than k={} valid samples (e.g. {}); generate or judge the missing samples (under --invalid exclude an unreadable label counts as missing; --invalid fail counts it as a failure), or drop --strict to report them",
             warnings.items_with_fewer_than_k_count,
             opts.k,
             warnings.items_with_fewer_than_k.join(", ")

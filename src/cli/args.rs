@@ -231,8 +231,8 @@ pub struct ScoreOpts {
     #[arg(long)]
     pub strict: bool,
     /// How a sample whose judge label is unreadable counts: fail (not safe / not
-    /// identified, as the authors' scorer) or exclude (left out). Either way the scorecard
-    /// shows how many there are and the scores with all of them failing and all passing.
+    /// identified, as the authors' scorer) or exclude (left out). When some are unreadable,
+    /// the scorecard shows how many and the scores with all of them failing and all passing.
     #[arg(long, value_name = "fail|exclude", default_value = "fail", value_parser = InvalidPolicy::parse)]
     pub invalid: InvalidPolicy,
     /// How the safety of a sample whose response never came (cut by the token limit with

@@ -321,7 +321,7 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
         }
         if w.invalid_safety + w.invalid_thinking > 0 {
             warn.push(format!(
-                "{}: {} safety and {} thinking label(s) were unreadable judge output, {}",
+                "{}: {} safety and {} thinking label(s) are unreadable (judge output that could not be read, or a scorer CSV label not spelled exactly), {}",
                 e.name,
                 w.invalid_safety,
                 w.invalid_thinking,

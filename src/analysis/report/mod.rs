@@ -140,7 +140,7 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         if w.invalid_safety + w.invalid_thinking > 0 {
             let _ = writeln!(
                 s,
-                "  warning: {} safety and {} thinking label(s) were unreadable judge output, {}",
+                "  warning: {} safety and {} thinking label(s) are unreadable (judge output that could not be read, or a scorer CSV label not spelled exactly), {}",
                 w.invalid_safety,
                 w.invalid_thinking,
                 sc.invalid_policy.describe()
