@@ -16,7 +16,7 @@ use super::report::text::TextTable;
 use crate::progress::progress_bar;
 use crate::records::Scenario;
 use super::judged_run::JudgedRun;
-use super::metrics::{flatten, metric_names, tally, InvalidPolicy, ItemTally, Layout, ScoreOptions};
+use super::metrics::{flatten, metric_names, tally, ItemTally, Layout, ScoreOptions};
 use crate::records::{SafetyLabel, Verdict};
 
 #[derive(Debug, Clone, Default)]
@@ -258,14 +258,10 @@ fn split_metric_name(name: &str) -> (String, String, String) {
 
 /// Exact McNemar tests per group on (item, sample index) pairs; also returns how many
 /// samples of shared items had no partner. An unreadable label is a failure under
-/// [`InvalidPolicy::Fail`]; under `Exclude` its pair is left out. Missing responses count
+/// [`super::metrics::InvalidPolicy::Fail`]; under `Exclude` its pair is left out. Missing responses count
 /// as `so.truncated` says.
 fn mcnemar_tests(va: &[Verdict], vb: &[Verdict], shared: &HashMap<&str, &ItemTally>, so: &ScoreOptions) -> (Vec<PairedTest>, usize) {
-    let counted = |l: Option<bool>| match so.invalid {
-        InvalidPolicy::Exclude => l,
-        InvalidPolicy::Fail => Some(l.unwrap_or(false)),
-        InvalidPolicy::Pass => Some(l.unwrap_or(true)),
-    };
+    let counted = |l: Option<bool>| so.invalid.passes(l);
     let key = |v: &Verdict| (v.item_id.clone(), v.sample_index);
     let b_by: HashMap<(String, u32), &Verdict> = vb.iter().map(|v| (key(v), v)).collect();
     // group -> label -> [both, a_only, b_only, neither]

@@ -29,21 +29,16 @@ pub struct JudgedRun {
     samples_path: Option<PathBuf>,
 }
 
-/// The two fields of a sample record that the reports need, so that reading them does
-/// not depend on the rest of the record's layout.
+/// The fields of a sample record that analysis reads (its configuration's decoding, and
+/// whether its response came), so that reading them does not depend on the rest of the
+/// record's layout.
 #[derive(Deserialize)]
-struct ConfigDecoding {
-    config: String,
-    decoding: Decoding,
-}
-
-/// The fields of a sample record that say whether its response came.
-#[derive(Deserialize)]
-struct SampleEnd {
+struct SampleHead {
     item_id: String,
     sample_index: u32,
     #[serde(default = "crate::records::default_config")]
     config: String,
+    decoding: Decoding,
     finish_reason: FinishReason,
     #[serde(default)]
     truncated: bool,
@@ -51,21 +46,26 @@ struct SampleEnd {
     response: String,
 }
 
+/// The record keys of the samples whose response never came.
+fn missing_keys(heads: &[(u64, SampleHead)]) -> HashSet<String> {
+    heads
+        .iter()
+        .filter(|(_, s)| response_missing(s.finish_reason, s.truncated, &s.response))
+        .map(|(_, s)| record_key(&s.item_id, s.sample_index, &s.config))
+        .collect()
+}
+
+fn mark(verdicts: &mut [Verdict], missing: &HashSet<String>) {
+    for v in verdicts.iter_mut() {
+        v.response_missing |= missing.contains(&v.key());
+    }
+}
+
 /// Marks the verdicts whose sample's response never came, from the run's samples.jsonl
 /// when it has one (verdicts written before the judge recorded it themselves).
 pub fn mark_missing_responses(verdicts: &mut [Verdict], samples: &RecordLog) -> Result<()> {
-    if !samples.exists() {
-        return Ok(());
-    }
-    let missing: HashSet<String> = samples
-        .read::<SampleEnd>()?
-        .records
-        .into_iter()
-        .filter(|(_, s)| response_missing(s.finish_reason, s.truncated, &s.response))
-        .map(|(_, s)| record_key(&s.item_id, s.sample_index, &s.config))
-        .collect();
-    for v in verdicts.iter_mut() {
-        v.response_missing |= missing.contains(&v.key());
+    if samples.exists() {
+        mark(verdicts, &missing_keys(&samples.read::<SampleHead>()?.records));
     }
     Ok(())
 }
@@ -79,14 +79,20 @@ impl JudgedRun {
             // A verdicts file inside a run directory still gets the run's name and samples.
             let parent = path.parent().filter(|p| p.join(store::MANIFEST).is_file());
             if let Some(dir) = parent {
-                mark_missing_responses(&mut verdicts, &RunDir::read(dir)?.samples())?;
-                let mut run = JudgedRun::load(dir)?;
+                let (mut run, missing) = JudgedRun::load_dir(dir)?;
+                mark(&mut verdicts, &missing);
                 run.path = path.to_path_buf();
                 run.verdicts = verdicts;
                 return Ok(run);
             }
             return Ok(JudgedRun { path: path.to_path_buf(), label, manifest: None, verdicts, decodings: BTreeMap::new(), samples_path: None });
         }
+        Ok(JudgedRun::load_dir(path)?.0)
+    }
+
+    /// A run directory, and the keys of its samples whose response never came (its
+    /// samples.jsonl read once for those and for the decodings).
+    fn load_dir(path: &Path) -> Result<(JudgedRun, HashSet<String>)> {
         let dir = RunDir::read(path)?;
         let log = dir.verdicts();
         if !log.exists() {
@@ -94,9 +100,15 @@ impl JudgedRun {
         }
         let mut verdicts = read_verdicts(&log)?;
         let samples = dir.samples();
-        mark_missing_responses(&mut verdicts, &samples)?;
-        let (decodings, samples_path) = if samples.exists() { (read_decodings(&samples)?, Some(samples.path.clone())) } else { (BTreeMap::new(), None) };
-        Ok(JudgedRun { path: path.to_path_buf(), label: run_label(&dir), manifest: Some(dir.manifest), verdicts, decodings, samples_path })
+        let (decodings, missing, samples_path) = if samples.exists() {
+            let heads = samples.read::<SampleHead>()?.records;
+            (decodings(&samples, &heads)?, missing_keys(&heads), Some(samples.path.clone()))
+        } else {
+            (BTreeMap::new(), HashSet::new(), None)
+        };
+        mark(&mut verdicts, &missing);
+        let run = JudgedRun { path: path.to_path_buf(), label: run_label(&dir), manifest: Some(dir.manifest), verdicts, decodings, samples_path };
+        Ok((run, missing))
     }
 
     /// Verdicts grouped by decoding configuration.
@@ -211,10 +223,9 @@ pub fn read_verdicts(log: &RecordLog) -> Result<Vec<Verdict>> {
 
 /// The decoding of each configuration; two samples of one configuration that disagree
 /// about it mean the file mixes runs, which is refused.
-fn read_decodings(log: &RecordLog) -> Result<BTreeMap<String, Decoding>> {
-    let c = log.read::<ConfigDecoding>()?;
+fn decodings(log: &RecordLog, heads: &[(u64, SampleHead)]) -> Result<BTreeMap<String, Decoding>> {
     let mut out: BTreeMap<String, (u64, Decoding)> = BTreeMap::new();
-    for (line, r) in c.records {
+    for (line, r) in heads {
         match out.get(&r.config) {
             Some((first, d)) if *d != r.decoding => bail!(
                 "{}:{line}: configuration {:?} has decoding {:?} here but {:?} on line {first}; one configuration name must mean one decoding",
@@ -225,7 +236,7 @@ fn read_decodings(log: &RecordLog) -> Result<BTreeMap<String, Decoding>> {
             ),
             Some(_) => {}
             None => {
-                out.insert(r.config, (line, r.decoding));
+                out.insert(r.config.clone(), (*line, r.decoding.clone()));
             }
         }
     }

@@ -363,28 +363,23 @@ impl Client {
             let mut first_err = None;
             let mut caller_failed = false;
             for (tag, r) in rx {
-                match r {
-                    // Replies that arrive after a failed request are still handed over.
-                    Ok(_) | Err(_) if caller_failed => {}
-                    Ok(reply) => {
-                        if let Err(e) = on_reply(tag, Ok(reply)) {
-                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                            caller_failed = true;
-                            first_err.get_or_insert(e);
-                        }
+                // Replies (and refusals) that arrive after a failed request are still handed
+                // over, until the caller itself fails.
+                let handed = match r.map_err(|e| e.downcast::<Refusal>()) {
+                    Ok(reply) => Ok(reply),
+                    Err(Ok(refusal)) => Err(refusal),
+                    Err(Err(e)) => {
+                        first_err.get_or_insert(e);
+                        continue;
                     }
-                    Err(e) => match e.downcast::<Refusal>() {
-                        Ok(refusal) => {
-                            if let Err(e) = on_reply(tag, Err(refusal)) {
-                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                                caller_failed = true;
-                                first_err.get_or_insert(e);
-                            }
-                        }
-                        Err(e) => {
-                            first_err.get_or_insert(e);
-                        }
-                    },
+                };
+                if caller_failed {
+                    continue;
+                }
+                if let Err(e) = on_reply(tag, handed) {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    caller_failed = true;
+                    first_err.get_or_insert(e);
                 }
             }
             first_err.map_or(Ok(()), Err)

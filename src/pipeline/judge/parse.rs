@@ -622,10 +622,13 @@ fn decide(family: Family, value: &Json) -> Option<(KeyClass, Result<&'static str
             let rank = if class == KeyClass::OwnPart { KeyClass::Own } else { class };
             // The own key's value says why it is not a label: two labels or a negated one
             // are named as such.
-            let eval = match (class, eval_value(family, v, Mode::Keyed)) {
-                (KeyClass::Own, a @ Eval::Ambiguous(_)) => a,
-                (KeyClass::Own, _) => own_value(family, v),
-                _ => eval_value(family, v, mode),
+            let eval = if class == KeyClass::Own {
+                match eval_value(family, v, Mode::Keyed) {
+                    a @ Eval::Ambiguous(_) => a,
+                    _ => own_value(family, v),
+                }
+            } else {
+                eval_value(family, v, mode)
             };
             match eval {
                 Eval::Label(l) => {
