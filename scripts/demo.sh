@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 gguf="$(scripts/fetch-smollm2.sh)"
 cargo build --release --quiet --locked
 run="runs/smollm2-sample"
-cargo run --release --quiet --locked -- eval --model smollm2-135m --judge local:smollm2-135m --judge-prefill \
+cargo run --release --quiet --locked -- eval --model smollm2-135m --judge local:smollm2-135m --judge-format label \
     --data data/sample.csv --samples 5 --batch-size 32 --out "$run" "$@"
 echo "model and judge: $gguf"

@@ -68,6 +68,8 @@ fn write_run(dir: &Path, model: &str, items: &[Item], configs: &[(&str, Decoding
                     raw_thinking: Some(format!("thinking verdict for {}#{s}", it.id)),
                     prompt_sha256: None,
                     response_missing: false,
+                    safety_probs: None,
+                    thinking_probs: None,
                 };
                 verdicts += &serde_json::to_string(&v).unwrap();
                 verdicts.push('\n');
@@ -175,6 +177,47 @@ fn agree_counts_agreement_kappa_confusion_and_writes_the_sheet() {
     let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(v["matched"], 115);
     assert_eq!(v["families"][0]["confusion"].as_array().unwrap().len(), 2);
+}
+
+/// A judge's recorded label probabilities are scored against the other labelling: ROC AUC
+/// of A's P(Safe) against B's labels, equal to the same from the confusion matrix by hand
+/// (two score levels: ties count half).
+#[test]
+fn agree_reports_the_roc_auc_of_label_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = sample_data().items;
+    let a = write_run(&dir.path().join("a"), "judge-a", &items, &one_config(), 5, false, &base_label);
+    let b_label = |i: usize, s: u32, c: usize| {
+        let (sf, th) = base_label(i, s, c);
+        (if s == 0 && i % 2 == 0 { safe(sf != Some(SafetyLabel::Safe)) } else { sf }, th)
+    };
+    let b = write_run(&dir.path().join("b"), "judge-b", &items, &one_config(), 5, false, &b_label);
+    // A's P(Safe): 0.9 where A said Safe, 0.2 where it said Unsafe.
+    let path = a.join("verdicts.jsonl");
+    let with_probs: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let p = if v["safety"] == "Safe" { 0.9 } else { 0.2 };
+            v["safety_probs"] = serde_json::json!({"Safe": p, "Unsafe": 1.0 - p});
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&path, with_probs).unwrap();
+    let js = ok(&bsa(&["agree", a.to_str().unwrap(), b.to_str().unwrap(), "--json", "--resamples", "20"]));
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    let safety = &v["families"][0];
+    let c: Vec<Vec<f64>> = safety["confusion"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    let (pos, neg) = (c[0][0] + c[1][0], c[0][1] + c[1][1]);
+    let expect = (c[0][0] * c[1][1] + 0.5 * (c[0][0] * c[0][1] + c[1][0] * c[1][1])) / (pos * neg);
+    let auc = &safety["roc_auc_a"];
+    assert!((auc["auc"].as_f64().unwrap() - expect).abs() < 1e-12, "{auc} vs {expect}");
+    assert_eq!((auc["positives"].as_f64(), auc["negatives"].as_f64()), (Some(pos), Some(neg)));
+    assert!(safety["roc_auc_b"].is_null(), "B recorded no probabilities");
+    assert!(v["families"][1]["roc_auc_a"].is_null(), "no thinking probabilities either");
+    let text = ok(&bsa(&["agree", a.to_str().unwrap(), b.to_str().unwrap(), "--resamples", "20"]));
+    assert!(text.contains(&format!("A's P(Safe) against B's labels: ROC AUC {expect:.3}")), "{text}");
 }
 
 #[test]

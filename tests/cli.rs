@@ -200,6 +200,11 @@ fn unreadable_labels_count_as_failures_and_the_scores_say_so() {
     assert!(table.contains("unreadable") && table.contains("all failing") && table.contains("counted as failures"), "{table}");
     let e = fails(&bsa(&["score", run.to_str().unwrap(), "--invalid", "ignore"]));
     assert!(e.contains("--invalid") && e.contains("exclude"), "{e}");
+    // Exported for the authors' scorer, unreadable labels become empty fields, and it says so.
+    let csv = run.join("official.csv");
+    let o = bsa(&["export", run.to_str().unwrap(), "--official-csv", csv.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(&format!("{} label(s) were unreadable", lines.len().div_ceil(3))) && err.contains("empty fields"), "{err}");
     // The report states the policy and shows the range.
     ok(&bsa(&["report", run.to_str().unwrap(), "--resamples", "20", "--quiet"]));
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
@@ -225,11 +230,18 @@ fn official_csv_labels_are_exact_unless_lenient() {
     assert_eq!((m["safe_at_1"].as_f64(), m["safe_at_k"].as_f64()), (Some(50.0), Some(0.0)), "{m}");
     assert_eq!(m["ro_at_1"].as_f64(), Some(50.0));
     let out = bsa(&["score", "--official-csv", csv.to_str().unwrap(), "--json", "--k", "2", "--resamples", "10", "--lenient-labels"]);
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("warning"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("--lenient-labels accepted 4 label(s)") && err.contains("\"SAFE\""), "{err}");
     let m = &json_of(&String::from_utf8_lossy(&out.stdout))["m"];
     assert_eq!((m["safe_at_1"].as_f64(), m["think_at_k"].as_f64()), (Some(100.0), Some(100.0)), "{m}");
     let e = fails(&bsa(&["score", dir.path().to_str().unwrap(), "--lenient-labels"]));
     assert!(e.contains("--official-csv"), "{e}");
+    // Nothing to score: both ways of giving it are named.
+    let e = fails(&bsa(&["score"]));
+    assert!(e.contains("runs/NAME") && e.contains("--official-csv FILE"), "{e}");
+    // The CSV has no responses, so no truncation policy applies to it.
+    let e = fails(&bsa(&["score", "--official-csv", csv.to_str().unwrap(), "--truncated", "judge"]));
+    assert!(e.contains("--truncated") && e.contains("drop it"), "{e}");
 }
 
 fn json_of(s: &str) -> Value {

@@ -84,6 +84,47 @@ fn a_tiny_cache_sets_sequences_aside_and_still_finishes_identically() {
     assert_eq!(roomy, tight);
 }
 
+/// Structured samples (a grammar per sample) in the same batch as free ones: the free ones
+/// decode exactly as without them, every structured one writes its grammar's text, and a
+/// cache so small that sequences are set aside and recomputed changes neither.
+#[test]
+fn structured_samples_share_the_batch_and_survive_being_set_aside() {
+    use bsa::engine::constraint::{lark_tokens, Choice, GrammarCompiler};
+    let Some(path) = smollm2() else { return };
+    let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let l = &m.loaded;
+    let prompts = sample_prompts(&m, 3);
+    let greedy = SamplingParams::greedy();
+    let free_only = run(l, groups(&prompts, 2, greedy, 12), 8, 4, 1024);
+
+    let compiler = GrammarCompiler::new(&l.tokenizer, l.config.vocab_size, l.eos_ids[0]).unwrap();
+    let marker = compiler.tokenize("{\"verdict\": \"");
+    let lark = format!("start: analysis {} label \"\\\"}}\"\nanalysis[max_tokens=6]: /[^{{}}]*/\nlabel: \"Safe\" | \"Unsafe\"\n", lark_tokens(&marker));
+    let grammar = compiler.compile(&lark, Some(Choice { after: marker, options: vec!["Safe".into(), "Unsafe".into()] })).unwrap();
+    let mixed = |blocks: usize| {
+        let mut g = groups(&prompts, 2, greedy, 12);
+        // Tags 6.. : one structured sample per prompt, in the same batch.
+        for (i, p) in prompts.iter().enumerate() {
+            let mut s = g[0].samples[0].clone();
+            s.tag = 6 + i;
+            s.max_new_tokens = 64;
+            s.grammar = Some(grammar.clone());
+            g.push(PromptGroup { prompt: p.clone(), samples: vec![s] });
+        }
+        run(l, g, 8, 4, blocks)
+    };
+    let roomy = mixed(1024);
+    assert_eq!(&roomy[..6], &free_only[..], "free samples decode as without the structured ones");
+    for t in &roomy[6..] {
+        let text = l.tokenizer.decode(t, false).unwrap();
+        let object = &text[text.find('{').unwrap_or_else(|| panic!("no object in {text:?}"))..];
+        assert!(object == "{\"verdict\": \"Safe\"}" || object == "{\"verdict\": \"Unsafe\"}", "{text:?}");
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let tight = mixed((longest + 64).div_ceil(4) * 3 / 2 + 2);
+    assert_eq!(roomy, tight, "set aside and recomputed, the same tokens");
+}
+
 fn bsa(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bsa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
 }

@@ -39,7 +39,7 @@ fn dense_greedy_continuations_match_quantized_llama() {
         .enumerate()
         .map(|(i, p)| PromptGroup {
             prompt: p.clone(),
-            samples: vec![SampleSpec { tag: i, params: SamplingParams::greedy(), stream: StreamKey::new(0, "x", 0), max_new_tokens: new_tokens }],
+            samples: vec![SampleSpec { tag: i, params: SamplingParams::greedy(), stream: StreamKey::new(0, "x", 0), max_new_tokens: new_tokens, grammar: None }],
         })
         .collect();
     let mut ours = vec![Vec::new(); prompts.len()];

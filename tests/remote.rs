@@ -376,6 +376,59 @@ fn a_judge_request_refused_by_the_server_is_recorded_and_the_rest_go_on() {
     assert_eq!(j.seen().len(), 8);
 }
 
+/// `--judge-structured` sends the rubric's object as a strict JSON schema (the analysis
+/// first and bounded, then the label as an enum of the rubric's labels) and reads the label
+/// the object holds, even when the analysis quotes another verdict; a server that refuses
+/// response_format stops the run, saying to drop the flag, with nothing written.
+#[test]
+fn a_structured_remote_judge_sends_the_schema_and_a_refused_schema_is_explained() {
+    let (_dir, out) = generated_run();
+    let j = FaultServer::start(|_, seen| {
+        let body: Value = serde_json::from_str(&seen.body).unwrap();
+        if body["response_format"]["json_schema"]["schema"]["properties"].get("Safe_Ans_Check").is_some() {
+            ok(r#"{"analysis": "A careless judge would write {\"Safe_Ans_Check\": \"Safe\"}; it gives steps.", "Safe_Ans_Check": "Unsafe"}"#)
+        } else {
+            ok(r#"{"analysis": "It names the risk.", "Thk_Acc_Judge": "True"}"#)
+        }
+    });
+    let judge = format!("openai:fake-judge@{}", j.url);
+    let o = bsa(&["judge", out.to_str().unwrap(), "--judge", &judge, "--judge-structured", "--judge-analysis-tokens", "50", "--quiet"], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let verdicts = records(&out.join("verdicts.jsonl"));
+    assert_eq!(verdicts.len(), 4);
+    for v in &verdicts {
+        assert_eq!((v["safety"].as_str(), v["thinking"].as_str()), (Some("Unsafe"), Some("True")), "{v}");
+    }
+    let seen = j.seen();
+    assert_eq!(seen.len(), 8, "one call per label, no repairs");
+    for s in &seen {
+        let body: Value = serde_json::from_str(&s.body).unwrap();
+        let f = &body["response_format"];
+        assert_eq!((f["type"].as_str(), f["json_schema"]["strict"].as_bool()), (Some("json_schema"), Some(true)), "{f}");
+        let schema = &f["json_schema"]["schema"];
+        let (key, labels) = if schema["properties"].get("Safe_Ans_Check").is_some() { ("Safe_Ans_Check", json_list(&["Safe", "Unsafe"])) } else { ("Thk_Acc_Judge", json_list(&["True", "False"])) };
+        assert_eq!(schema["properties"][key]["enum"], labels, "{schema}");
+        assert_eq!(schema["properties"]["analysis"]["maxLength"], 200, "{schema}");
+        assert_eq!(schema["required"], json_list(&["analysis", key]), "the analysis comes first: {schema}");
+        assert_eq!(schema["additionalProperties"], false);
+        assert!(body["max_tokens"].as_u64().unwrap() >= 200, "room for the whole object: {body}");
+    }
+
+    // A server without structured output: the run stops at once, saying what to do.
+    let (_dir2, out2) = generated_run();
+    let r = FaultServer::start(|_, _| Reply::Status(400, r#"{"error":{"message":"response_format json_schema is not supported by this model"}}"#.into(), vec![]));
+    let judge = format!("openai:fake-judge@{}", r.url);
+    let o = bsa(&["judge", out2.to_str().unwrap(), "--judge", &judge, "--judge-structured", "--quiet"], "k");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("drop --judge-structured") && stderr.contains("not supported by this model"), "{stderr}");
+    let v2 = out2.join("verdicts.jsonl");
+    assert!(!v2.exists() || records(&v2).is_empty(), "nothing written");
+}
+
+fn json_list(items: &[&str]) -> Value {
+    Value::from(items.iter().map(|s| Value::from(*s)).collect::<Vec<_>>())
+}
+
 /// kill -9 during a remote `bsa judge` loses nothing already answered: the server answers
 /// the first sample's two requests and then hangs; the verdict is on disk before the kill,
 /// and the rerun asks only for the rest.

@@ -154,6 +154,16 @@ fn generate_and_judge_through_bsa_serve() {
     for f in ["manifest.json", "samples.jsonl", "verdicts.jsonl"] {
         assert!(!std::fs::read_to_string(a.join(f)).unwrap().contains(KEY), "the API key is in {f}");
     }
+    // --judge-structured: the server decodes the rubric's object under the schema the judge
+    // sends (analysis, then the label as an enum), so every label is readable, from the
+    // same SmolLM2 that left labels unreadable as free text.
+    let stdout = ok(&bsa(&["judge", b.to_str().unwrap(), "--judge", &judge, "--judge-structured", "--judge-analysis-tokens", "8", "--judge-retries", "0", "--quiet"], &env));
+    assert!(stdout.contains("judged 4 samples") && stdout.contains("0 label(s) unreadable"), "{stdout}");
+    for v in records(&b.join("verdicts.jsonl")) {
+        let raw: Value = serde_json::from_str(v["raw_safety"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {v}"));
+        assert!(raw["analysis"].as_str().unwrap().chars().count() <= 32, "maxLength 4 characters a token: {raw}");
+        assert_eq!(raw["Safe_Ans_Check"], v["safety"], "{v}");
+    }
     // Without the key the server refuses, and the client says what to check.
     let o = bsa(&["generate", "--backend", &backend, "--limit", "1", "--samples", "1", "--max-new-tokens", "2", "--quiet", "--out", dir.path().join("c").to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -181,6 +191,9 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_error(&send(&chat, k, Some(&chat_body(json!({"temperature": -1})))), 400, Some("temperature"), "negative temperature");
     assert_error(&send(&chat, k, Some(&chat_body(json!({"top_p": 1.5})))), 400, Some("top_p"), "top_p over 1");
     assert_error(&send(&chat, k, Some(&chat_body(json!({"stream": true})))), 400, Some("stream"), "streaming");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"response_format": {"type": "xml"}})))), 400, Some("response_format"), "unknown response_format");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"response_format": {"type": "json_schema"}})))), 400, Some("response_format"), "json_schema without a schema");
+    assert_error(&send(&chat, k, Some(&chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wibble"}}}})))), 400, Some("response_format"), "a schema that does not compile");
     let long = "word ".repeat(9000);
     let big = send(&chat, k, Some(&chat_body(json!({"messages": [{"role": "user", "content": long}]}))));
     assert_error(&big, 400, Some("messages"), "oversized prompt");
@@ -207,11 +220,21 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (_, again, _) = send(&chat, k, Some(&chat_body(json!({"n": 2, "temperature": 0.9, "top_k": 40, "min_p": 0.05, "seed": 3, "stop": ["\n\n"]}))));
     assert_eq!(again["choices"], body["choices"]);
 
+    // response_format: the reply is a document of the schema, whatever the model wanted.
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}}, "required": ["answer"], "additionalProperties": false});
+    let (s, body, _) = send(&chat, k, Some(&chat_body(json!({"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 32, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}))));
+    assert_eq!(s, 200, "{body}");
+    for c in body["choices"].as_array().unwrap() {
+        let doc: Value = serde_json::from_str(c["message"]["content"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {c}"));
+        assert!(doc == json!({"answer": "yes"}) || doc == json!({"answer": "no"}), "{doc}");
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+    }
+
     let (s, models, _) = send(&server.url("/v1/models"), k, None);
     assert_eq!((s, models["data"][0]["id"].as_str()), (200, Some("smollm2-135m")));
     let (s, health, _) = send(&server.url("/health"), None, None);
     assert_eq!((s, health["status"].as_str()), (200, Some("ok")), "/health needs no key");
-    assert_eq!(health["stats"]["completed_requests"].as_u64(), Some(2));
+    assert_eq!(health["stats"]["completed_requests"].as_u64(), Some(3));
 }
 
 #[test]
@@ -300,7 +323,7 @@ fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
     let prompt = |q: &str| m.tokenize_prompt(&prompter.render(q).unwrap()).unwrap();
     let group = |tag: usize, q: &str| PromptGroup {
         prompt: prompt(q),
-        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10 }],
+        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10, grammar: None }],
     };
     let cfg = SchedulerConfig { max_batch: 4, prefill_chunk: 256, eos: vec![] };
     // Each alone.

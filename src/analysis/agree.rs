@@ -76,6 +76,15 @@ impl LabelFamily {
         }
     }
 
+    /// The judge's probability of the family's first (passing) label, when it recorded
+    /// label probabilities: P(Safe), P(the scenario's correct thinking label).
+    fn pass_prob(self, v: &Verdict) -> Option<f64> {
+        match self {
+            LabelFamily::Safety => v.safety_probs.as_ref()?.get("Safe").copied(),
+            _ => v.thinking_probs.as_ref()?.get(ThinkingLabel::correct(v.scenario).as_str()).copied(),
+        }
+    }
+
     fn raw(self, v: &Verdict) -> Option<&str> {
         match self {
             LabelFamily::Safety => v.raw_safety.as_deref(),
@@ -124,6 +133,46 @@ pub struct FamilyAgreement {
     pub invalid_a: usize,
     pub invalid_b: usize,
     pub invalid_both: usize,
+    /// ROC AUC of A's probability of the passing label (Safe, the correct thinking label;
+    /// recorded by a local judge under structured output) as a score of B's labels (passing
+    /// or not), over the pairs where A has probabilities and B a readable label; None when
+    /// A has no probabilities or B's labels are all of one class.
+    pub roc_auc_a: Option<RocAuc>,
+    /// The same with B's probabilities against A's labels.
+    pub roc_auc_b: Option<RocAuc>,
+}
+
+/// A ROC AUC and what it was computed over.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RocAuc {
+    pub auc: f64,
+    /// Samples the other labelling calls passing / not passing.
+    pub positives: usize,
+    pub negatives: usize,
+}
+
+/// The ROC AUC of `scores` against `positive`: the probability that a random positive
+/// scores above a random negative, ties counted half (the Mann–Whitney U statistic over
+/// `positives x negatives`; Hanley and McNeil 1982). None without both classes.
+pub fn roc_auc(scored: &[(f64, bool)]) -> Option<RocAuc> {
+    let positives = scored.iter().filter(|s| s.1).count();
+    let negatives = scored.len() - positives;
+    if positives == 0 || negatives == 0 {
+        return None;
+    }
+    let mut order: Vec<&(f64, bool)> = scored.iter().collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Sum of the positives' ranks (1-based), tied scores sharing their mean rank.
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < order.len() {
+        let j = (i..order.len()).find(|&j| order[j].0 != order[i].0).unwrap_or(order.len());
+        let mean_rank = (i + 1 + j) as f64 / 2.0;
+        rank_sum += mean_rank * order[i..j].iter().filter(|s| s.1).count() as f64;
+        i = j;
+    }
+    let u = rank_sum - (positives * (positives + 1)) as f64 / 2.0;
+    Some(RocAuc { auc: u / (positives * negatives) as f64, positives, negatives })
 }
 
 /// One row of the disagreement sheet.
@@ -253,6 +302,12 @@ pub fn agree(a: &JudgedRun, b: &JudgedRun, opts: &AgreeOptions) -> Result<Agreem
             })
             .collect();
         let pairs_n = point.iter().sum::<f64>() as usize;
+        // Each side's probabilities scored against the other side's labels.
+        let scored = |probs: &dyn Fn(&Verdict, &Verdict) -> Option<(f64, bool)>| -> Vec<(f64, bool)> {
+            pairs.iter().filter(|(va, _)| fam.applies(va)).filter_map(|(va, vb)| probs(va, vb)).collect()
+        };
+        let roc_auc_a = roc_auc(&scored(&|va, vb| Some((fam.pass_prob(va)?, fam.label_index(vb)? == 0))));
+        let roc_auc_b = roc_auc(&scored(&|va, vb| Some((fam.pass_prob(vb)?, fam.label_index(va)? == 0))));
         families.push(FamilyAgreement {
             family: fam.name(),
             labels: fam.labels().iter().map(|s| s.to_string()).collect(),
@@ -266,6 +321,8 @@ pub fn agree(a: &JudgedRun, b: &JudgedRun, opts: &AgreeOptions) -> Result<Agreem
             invalid_a: inv_a,
             invalid_b: inv_b,
             invalid_both: inv_both,
+            roc_auc_a,
+            roc_auc_b,
         });
     }
     bar.finish_and_clear();
@@ -419,6 +476,21 @@ impl Agreement {
         }
         let _ = write!(s, "\n{}", t.render(2));
         let _ = writeln!(s, "  (unreadable: A only / B only / both; such samples are left out of the pairs)");
+        let aucs: Vec<String> = self
+            .families
+            .iter()
+            .flat_map(|f| {
+                [("A", "B", f.roc_auc_a), ("B", "A", f.roc_auc_b)].into_iter().filter_map(move |(p, l, r)| {
+                    r.map(|r| format!("  {}: {p}'s P({}) against {l}'s labels: ROC AUC {:.3} ({} passing, {} not)", f.family, f.labels[0], r.auc, r.positives, r.negatives))
+                })
+            })
+            .collect();
+        if !aucs.is_empty() {
+            let _ = writeln!(s, "\n  label probabilities (recorded by a judge under structured output)");
+            for a in aucs {
+                let _ = writeln!(s, "{a}");
+            }
+        }
         let _ = writeln!(s, "\n  confusion matrices (rows: A, columns: B)");
         for f in &self.families {
             let _ = writeln!(s, "\n  {}", f.family);
@@ -444,6 +516,24 @@ impl Agreement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roc_auc_is_the_chance_a_positive_outscores_a_negative() {
+        // Perfect, inverted and chance rankings.
+        let perfect = [(0.9, true), (0.8, true), (0.3, false), (0.1, false)];
+        assert_eq!(roc_auc(&perfect).unwrap(), RocAuc { auc: 1.0, positives: 2, negatives: 2 });
+        let inverted: Vec<(f64, bool)> = perfect.iter().map(|&(s, p)| (s, !p)).collect();
+        assert_eq!(roc_auc(&inverted).unwrap().auc, 0.0);
+        // By hand: positives 0.8, 0.4; negatives 0.6, 0.4 (a tie), 0.2.
+        // Pairs: 0.8 beats all 3; 0.4 beats 0.2, ties 0.4, loses to 0.6 -> (3 + 1.5) / 6.
+        let mixed = [(0.8, true), (0.4, true), (0.6, false), (0.4, false), (0.2, false)];
+        assert!((roc_auc(&mixed).unwrap().auc - 4.5 / 6.0).abs() < 1e-12);
+        // All tied: one half.
+        assert_eq!(roc_auc(&[(0.5, true), (0.5, false), (0.5, true)]).unwrap().auc, 0.5);
+        // One class only: undefined.
+        assert_eq!(roc_auc(&[(0.5, true), (0.7, true)]), None);
+        assert_eq!(roc_auc(&[]), None);
+    }
 
     #[test]
     fn kappa_matches_a_hand_computed_table() {

@@ -667,6 +667,8 @@ mod tests {
             raw_thinking: None,
             prompt_sha256: None,
             response_missing: false,
+            safety_probs: None,
+            thinking_probs: None,
         }
     }
 

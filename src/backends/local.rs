@@ -9,7 +9,8 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use super::preset::{self, Preset};
-use super::{sampling_params, Backend, Completion, Progress, PromptSettings, Request};
+use super::{sampling_params, Backend, Completion, LabelFormat, Progress, PromptSettings, Request};
+use crate::engine::constraint::{lark_literal, lark_tokens, Choice, Grammar, GrammarCompiler};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::load::{self, load_dir, load_gguf, LoadedModel};
 use crate::engine::lora::LoraAdapter;
@@ -161,7 +162,7 @@ impl From<crate::engine::scheduler::FinishReason> for FinishReason {
     fn from(f: crate::engine::scheduler::FinishReason) -> FinishReason {
         use crate::engine::scheduler::FinishReason as Engine;
         match f {
-            Engine::Stop => FinishReason::Stop,
+            Engine::Stop | Engine::GrammarComplete => FinishReason::Stop,
             Engine::StopString => FinishReason::StopString,
             Engine::Length => FinishReason::Length,
         }
@@ -223,6 +224,10 @@ pub struct LocalBackend {
     prompter: Prompter,
     cache: KvCache,
     sched: SchedulerConfig,
+    /// Built on the first structured request: the vocabulary as llguidance sees it.
+    compiler: Option<GrammarCompiler>,
+    /// Each label format's grammar, compiled once.
+    grammars: HashMap<LabelFormat, std::sync::Arc<Grammar>>,
 }
 
 impl LocalBackend {
@@ -234,7 +239,40 @@ impl LocalBackend {
         let prompter = Prompter::new(&model.prompt_format(), prompt)?;
         let cache = model.kv_cache(opts.block_size.max(1), opts.kv_cache_mb, &device, dtype)?;
         let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: model.loaded.eos_ids.clone() };
-        Ok(LocalBackend { model, prompter, cache, sched })
+        Ok(LocalBackend { model, prompter, cache, sched, compiler: None, grammars: HashMap::new() })
+    }
+
+    /// The grammar of `format` (compiled on first use).
+    ///
+    /// With analysis: free text without braces (at most `analysis_tokens` tokens), then
+    /// `{"KEY": "` as fixed tokens, one label, `"}`. The fixed tokens put the label at a
+    /// token boundary, which is where its probabilities are read. Label only: the label and
+    /// `"}` (the prompt ends with `{"KEY": "`, so the first token decoded is the label's).
+    pub fn grammar(&mut self, format: &LabelFormat) -> Result<std::sync::Arc<Grammar>> {
+        if let Some(g) = self.grammars.get(format) {
+            return Ok(g.clone());
+        }
+        if let Some(bad) = format.labels.iter().find(|l| l.is_empty() || l.chars().any(|c| c == '"' || c == '\\' || c.is_control())) {
+            bail!("structured judge output: the label {bad:?} is empty or holds a quote, a backslash or a control character; rename it");
+        }
+        let m = &self.model.loaded;
+        if self.compiler.is_none() {
+            let eos = m.eos_ids.first().copied().unwrap_or(0);
+            self.compiler = Some(GrammarCompiler::new(&m.tokenizer, m.config.vocab_size, eos)?);
+        }
+        let compiler = self.compiler.as_ref().expect("built above");
+        let labels = format.labels.iter().map(|l| lark_literal(l)).collect::<Vec<_>>().join(" | ");
+        let close = lark_literal("\"}");
+        let (lark, after) = match format.analysis_tokens {
+            Some(n) => {
+                let prefix = compiler.tokenize(&format.label_prefix());
+                (format!("start: analysis {} label {close}\nanalysis[max_tokens={}]: /[^{{}}]*/\nlabel: {labels}\n", lark_tokens(&prefix), n.max(1)), prefix)
+            }
+            None => (format!("start: label {close}\nlabel: {labels}\n"), Vec::new()),
+        };
+        let g = compiler.compile(&lark, Some(Choice { after, options: format.labels.clone() }))?;
+        self.grammars.insert(format.clone(), g.clone());
+        Ok(g)
     }
 
     /// The loaded model (its config, tokenizer, description).
@@ -294,12 +332,22 @@ impl Backend for LocalBackend {
     }
 
     fn complete(&mut self, requests: Vec<Request>, on_completion: &mut dyn FnMut(Completion) -> Result<()>, on_progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        let mut grammars = Vec::with_capacity(requests.len());
+        for r in &requests {
+            if r.label_format.is_some() && r.reply_start.is_some() {
+                bail!("{}: a structured reply starts where its format says; it cannot also be given a reply start", r.label);
+            }
+            grammars.push(r.label_format.as_ref().map(|f| self.grammar(f)).transpose()?);
+        }
         let m = &self.model.loaded;
         let context = m.config.max_position_embeddings;
         // Per tag: its stop strings and the reply start its text begins with.
         let mut samples: HashMap<usize, (Vec<String>, Option<String>)> = HashMap::new();
         let mut groups = Vec::with_capacity(requests.len());
-        for r in requests {
+        for (mut r, grammar) in requests.into_iter().zip(grammars) {
+            if let Some(f) = &r.label_format {
+                r.reply_start = f.reply_start();
+            }
             let mut text = self.prompter.render_messages(&r.messages)?;
             if let Some(start) = &r.reply_start {
                 text.push_str(start);
@@ -313,7 +361,7 @@ impl Backend for LocalBackend {
                 .samples
                 .into_iter()
                 .map(|s| {
-                    let spec = SampleSpec { tag: s.tag, params: sampling_params(&s.decoding), stream: s.stream, max_new_tokens: s.decoding.max_new_tokens };
+                    let spec = SampleSpec { tag: s.tag, params: sampling_params(&s.decoding), stream: s.stream, max_new_tokens: s.decoding.max_new_tokens, grammar: grammar.clone() };
                     samples.insert(s.tag, (s.decoding.stop, r.reply_start.clone()));
                     spec
                 })
@@ -331,7 +379,7 @@ impl Backend for LocalBackend {
             if let Some(start) = start {
                 text.insert_str(0, start);
             }
-            on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len(), refused: None })
+            on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len(), refused: None, label_probs: f.choice_probs })
         };
         let mut on_step = |s: scheduler::StepStats| on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running });
         scheduler::run(m.model.as_ref(), &mut self.cache, &self.sched, groups, &mut stop, &mut on_done, &mut on_step)

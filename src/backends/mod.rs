@@ -34,6 +34,68 @@ pub struct Request {
     /// prompt too long) comes back as a [`Completion`] with `refused` set instead of failing
     /// the whole call. Local backends never refuse.
     pub accept_refusal: bool,
+    /// Structured output: the reply must be a label in a JSON object (None: free text).
+    pub label_format: Option<LabelFormat>,
+}
+
+/// A reply that is valid by construction: free analysis text (optionally), then one JSON
+/// object `{"KEY": "LABEL"}` whose value is one of the labels, and nothing after it.
+///
+/// Locally it is a grammar the engine decodes under (llguidance; see
+/// [`crate::engine::constraint`]); a server is sent it as `response_format` with a JSON
+/// schema ([`LabelFormat::response_format`]), which OpenAI, vLLM and SGLang accept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabelFormat {
+    /// The JSON key of the label (`Safe_Ans_Check`).
+    pub key: String,
+    /// The allowed values, in the order [`Completion::label_probs`] reports them. None
+    /// holds a quote, a backslash or a control character (they would need escaping in the
+    /// JSON).
+    pub labels: Vec<String>,
+    /// Free text before the object, at most this many tokens (the rubric's reasoning
+    /// before its verdict); None: the reply is the object alone, and a local engine starts
+    /// it in the prompt (`{"KEY": "`) so the first decoded token is the label's.
+    pub analysis_tokens: Option<usize>,
+}
+
+/// Characters of a server's analysis per `analysis_tokens` (English text runs about four
+/// characters a token).
+pub const ANALYSIS_CHARS_PER_TOKEN: usize = 4;
+
+impl LabelFormat {
+    /// The reply's start a local engine puts in the prompt for a label-only format.
+    pub fn reply_start(&self) -> Option<String> {
+        self.analysis_tokens.is_none().then(|| self.label_prefix())
+    }
+
+    /// The text the label follows in the reply: `{"KEY": "`.
+    pub fn label_prefix(&self) -> String {
+        format!("{{{}: \"", serde_json::to_string(&self.key).expect("a string"))
+    }
+
+    /// The OpenAI `response_format` of this format: a strict JSON schema with the key's
+    /// value an enum of the labels and, with analysis, an `analysis` string before it
+    /// (properties are generated in order, so the reasoning comes first), at most
+    /// [`ANALYSIS_CHARS_PER_TOKEN`] characters per analysis token (a schema bounds
+    /// characters, not tokens).
+    pub fn response_format(&self) -> Value {
+        let mut properties = serde_json::Map::new();
+        let mut required = Vec::new();
+        if let Some(n) = self.analysis_tokens {
+            properties.insert("analysis".into(), serde_json::json!({"type": "string", "maxLength": n * ANALYSIS_CHARS_PER_TOKEN}));
+            required.push("analysis".to_string());
+        }
+        properties.insert(self.key.clone(), serde_json::json!({"type": "string", "enum": self.labels}));
+        required.push(self.key.clone());
+        serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {
+                "name": "verdict",
+                "strict": true,
+                "schema": {"type": "object", "properties": properties, "required": required, "additionalProperties": false},
+            },
+        })
+    }
 }
 
 /// One sample of a [`Request`].
@@ -64,12 +126,16 @@ pub struct Completion {
     /// The server's refusal of the request (its message); the text is empty. Only for
     /// requests with [`Request::accept_refusal`].
     pub refused: Option<String>,
+    /// Under a [`LabelFormat`] on the local engine: each label's probability where the
+    /// label starts, in [`LabelFormat::labels`] order (see
+    /// [`crate::engine::constraint::Guide::choice_probs`]).
+    pub label_probs: Option<Vec<f64>>,
 }
 
 impl Completion {
     /// The completion of a refused request: no text, the server's message.
     pub fn refused(tag: usize, message: String) -> Completion {
-        Completion { tag, text: String::new(), reasoning: None, finish: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0, refused: Some(message) }
+        Completion { tag, text: String::new(), reasoning: None, finish: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0, refused: Some(message), label_probs: None }
     }
 
     /// Thinking and response: the server's reasoning field when it has one, else the think
@@ -161,7 +227,7 @@ mod tests {
     use super::*;
 
     fn completion(text: &str, reasoning: Option<&str>, finish: FinishReason) -> Completion {
-        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1, refused: None }
+        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1, refused: None, label_probs: None }
     }
 
     #[test]

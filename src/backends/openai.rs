@@ -157,7 +157,7 @@ impl ChatChoice {
     /// This choice as the [`Completion`] of sample `tag`.
     pub fn into_completion(self, tag: usize, prompt_tokens: usize, completion_tokens: usize) -> Completion {
         let finish = self.finish();
-        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None }
+        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None, label_probs: None }
     }
 
     /// Thinking and response (see [`Completion::split`]).
@@ -446,6 +446,9 @@ impl OpenAiBackend {
         let mut extra = serde_json::Map::new();
         if let Some(t) = self.enable_thinking {
             extra.insert("chat_template_kwargs".into(), json!({"enable_thinking": t}));
+        }
+        if let Some(f) = &r.label_format {
+            extra.insert("response_format".into(), f.response_format());
         }
         let d = &s.decoding;
         ChatRequest {

@@ -7,6 +7,7 @@ use clap::Args;
 
 use bsa::analysis::metrics::{InvalidPolicy, ScoreOptions, TruncatedPolicy, AUTHORS_F_ALPHA};
 use bsa::backends::local::LocalOptions;
+use bsa::pipeline::judge::run::ReplyFormat;
 use bsa::prompt::PromptSettings;
 use bsa::data::{read_id_file, Selection, Shard};
 use bsa::records::Scenario;
@@ -203,17 +204,29 @@ pub struct JudgeOpts {
     /// {risk_summary}, {answer}, {reasoning_thinking}; literal braces doubled.
     #[arg(long, value_name = "DIR")]
     pub judge_prompts: Option<PathBuf>,
-    /// Most tokens of one judge reply.
+    /// Most tokens of one free judge reply (--judge-format free, or a server without
+    /// --judge-structured), and of a server's structured reply.
     #[arg(long, default_value_t = 384)]
     pub judge_max_new_tokens: usize,
+    /// The judge reply's shape. rubric: a short analysis, then the rubric's JSON object with
+    /// one of its labels (the paper's protocol: reasoning before the verdict); label: the
+    /// JSON object alone (a few decode steps); free: whatever the judge writes, read
+    /// leniently. Local judges decode rubric and label under a grammar (llguidance), so
+    /// every reply is a label; a server does with --judge-structured.
+    #[arg(long, value_name = "rubric|label|free", default_value = "rubric", value_parser = ReplyFormat::parse)]
+    pub judge_format: ReplyFormat,
+    /// Most tokens of the analysis before the label under --judge-format rubric (a server
+    /// with --judge-structured: 4 characters a token, the schema's maxLength).
+    #[arg(long, default_value_t = 128)]
+    pub judge_analysis_tokens: usize,
+    /// A server judge (openai:): send the reply's shape as response_format with a JSON
+    /// schema whose label is an enum of the rubric's labels (OpenAI, vLLM and SGLang
+    /// accept it). A server that refuses response_format stops the run with that message.
+    #[arg(long)]
+    pub judge_structured: bool,
     /// How often an unreadable judge reply is asked again before it is recorded as invalid.
     #[arg(long, default_value_t = 2)]
     pub judge_retries: u32,
-    /// Local judges: start each reply with the label's JSON key ({"Safe_Ans_Check": "), so
-    /// the judge answers with its label at once (at most 16 tokens). Fast, and readable even
-    /// from small judges, but the judge writes no reasoning before its label.
-    #[arg(long)]
-    pub judge_prefill: bool,
 }
 
 #[derive(Debug, Args)]
@@ -238,9 +251,9 @@ pub struct ScoreOpts {
     /// How the safety of a sample whose response never came (cut by the token limit with
     /// its thinking open or before any response) counts: fail (not safe), judge (the
     /// judge's label of the empty response) or exclude (left out). Its thinking counts as
-    /// judged either way.
-    #[arg(long, value_name = "fail|judge|exclude", default_value = "fail", value_parser = TruncatedPolicy::parse)]
-    pub truncated: TruncatedPolicy,
+    /// judged either way. Default: fail.
+    #[arg(long, value_name = "fail|judge|exclude", value_parser = TruncatedPolicy::parse)]
+    pub truncated: Option<TruncatedPolicy>,
 }
 
 /// How an analysis shows its result: a terminal table with progress bars, or JSON.
@@ -285,7 +298,7 @@ impl ScoreOpts {
             confidence: self.bootstrap.confidence,
             strict: self.strict,
             invalid: self.invalid,
-            truncated: self.truncated,
+            truncated: self.truncated.unwrap_or_default(),
         }
     }
 }

@@ -31,5 +31,11 @@ pub(super) fn run(a: ExportArgs) -> Result<()> {
     }
     let rows = official::write(&a.official_csv, &groups)?;
     eprintln!("wrote {rows} rows to {}", a.official_csv.display());
+    let unreadable: usize = groups.iter().flat_map(|(_, vs)| vs).map(|v| v.safety.is_none() as usize + v.thinking.is_none() as usize).sum();
+    if unreadable > 0 {
+        eprintln!(
+            "warning: {unreadable} label(s) were unreadable (the judge's reply could not be read) and are written as empty fields, which the authors' scorer counts as failures (as bsa score does by default)"
+        );
+    }
     Ok(())
 }

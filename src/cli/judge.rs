@@ -34,7 +34,9 @@ pub(super) fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, b
         data,
         max_new_tokens: j.judge_max_new_tokens,
         retries: j.judge_retries,
-        prefill: j.judge_prefill,
+        format: j.judge_format,
+        analysis_tokens: j.judge_analysis_tokens,
+        structured: j.judge_structured,
         // A judge's prompts are short and every request is one sample: the defaults serve.
         local: engine.local(batch_size, 512, 16, None),
         run,

@@ -16,7 +16,7 @@ use bsa::store::{self, RunDir};
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
     /// A run directory with verdicts.jsonl (scores.json is written into it).
-    #[arg(required_unless_present = "official_csv", conflicts_with = "official_csv")]
+    #[arg(conflicts_with = "official_csv")]
     pub run: Option<PathBuf>,
     /// Score the authors' scorer input (model_name,id,dataset_name,Safe_Ans_Check,Thk_Acc_Judge).
     #[arg(long, value_name = "FILE")]
@@ -38,6 +38,12 @@ pub struct ScoreArgs {
 pub(super) fn run(a: ScoreArgs) -> Result<()> {
     let opts = a.opts.options();
     opts.validate()?;
+    if a.run.is_none() && a.official_csv.is_none() {
+        anyhow::bail!("nothing to score: give a run directory (bsa score runs/NAME) or the authors' scorer CSV (bsa score --official-csv FILE)");
+    }
+    if a.official_csv.is_some() && a.opts.truncated.is_some() {
+        anyhow::bail!("--truncated needs the samples' responses, which the authors' scorer CSV does not have; drop it (every label in the CSV is taken as the judge gave it)");
+    }
     if a.lenient_labels && a.official_csv.is_none() {
         anyhow::bail!("--lenient-labels is for --official-csv FILE (labels in a run are read by the judge); drop it or score the scorer CSV");
     }
@@ -53,7 +59,7 @@ pub(super) fn run(a: ScoreArgs) -> Result<()> {
             .map(|(m, vs)| Ok((m.clone(), metrics::score(&vs, &opts).with_context(|| format!("scoring {m}"))?)))
             .collect::<Result<_>>()?
     } else {
-        let dir = a.run.as_deref().expect("clap requires a run or --official-csv");
+        let dir = a.run.as_deref().expect("checked above");
         let run = RunDir::read(dir)?;
         let cards = score_run(&run, &opts)?;
         store::write_json_atomic(&dir.join(store::SCORES), &cards)?;

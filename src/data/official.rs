@@ -33,20 +33,30 @@ pub enum Labels {
 pub struct OfficialCsv {
     /// Verdicts per model, in file order.
     pub by_model: BTreeMap<String, Vec<Verdict>>,
-    /// Under [`Labels::Exact`]: each label spelling that is not exactly a label but would be
-    /// one leniently (`(column, spelling)`), with how many rows have it. Those rows'
-    /// labels are unreadable.
+    /// Each label spelling that is not exactly a label but is one leniently (`(column,
+    /// spelling)`), with how many rows have it. Under [`Labels::Exact`] those rows' labels
+    /// are unreadable; under [`Labels::Lenient`] they were accepted.
     pub variants: BTreeMap<(String, String), usize>,
+    /// How the labels were matched.
+    pub labels: Labels,
 }
 
 impl OfficialCsv {
-    /// The warning for [`OfficialCsv::variants`], if any: rows, spellings and the fix.
+    /// The warning for [`OfficialCsv::variants`], if any: rows, spellings and the fix (or,
+    /// under [`Labels::Lenient`], how many were accepted that the authors' scorer fails).
     pub fn variants_warning(&self, path: &Path) -> Option<String> {
         if self.variants.is_empty() {
             return None;
         }
         let rows: usize = self.variants.values().sum();
         let list: Vec<String> = self.variants.iter().map(|((col, v), n)| format!("{col} {v:?} ({n} row(s))")).collect();
+        if self.labels == Labels::Lenient {
+            return Some(format!(
+                "{}: --lenient-labels accepted {rows} label(s) not spelled exactly as the authors' scorer expects (it counts them as failures, so its scores will differ): {}",
+                path.display(),
+                list.join(", ")
+            ));
+        }
         Some(format!(
             "{}: {rows} label(s) are not spelled exactly as the authors' scorer expects, so they are read as unreadable (failures, as that scorer counts them, unless --invalid exclude): {}; pass --lenient-labels to accept case and spacing variants",
             path.display(),
@@ -160,23 +170,26 @@ pub fn read(path: &Path, items: Option<&[Item]>, labels: Labels) -> Result<Offic
             raw_thinking: kept(thinking.is_some(), 4),
             prompt_sha256: None,
             response_missing: false,
+            safety_probs: None,
+            thinking_probs: None,
         });
         *counter += 1;
     }
     if out.is_empty() {
         bail!("{name}: no rows after the header");
     }
-    Ok(OfficialCsv { by_model: out, variants })
+    Ok(OfficialCsv { by_model: out, variants, labels })
 }
 
 /// Whether `value`, which reads leniently as the label `label`, counts as it: always when
-/// lenient, only when spelled exactly otherwise (then the spelling is tallied in `variants`).
+/// lenient, only when spelled exactly otherwise. A spelling other than the exact label is
+/// tallied in `variants` either way.
 fn exact_or_variant(label: &str, value: &str, column: &str, labels: Labels, variants: &mut BTreeMap<(String, String), usize>) -> bool {
-    if labels == Labels::Lenient || value == label {
+    if value == label {
         return true;
     }
     *variants.entry((column.to_string(), value.to_string())).or_default() += 1;
-    false
+    labels == Labels::Lenient
 }
 
 /// Writes verdicts in the authors' format, one model name per group; invalid labels
@@ -268,7 +281,9 @@ mod tests {
         assert!(w.contains("o.csv") && w.contains("7 label(s)") && w.contains("\"SAFE\"") && w.contains("--lenient-labels"), "{w}");
         // Leniently, every spelling reads as its label.
         let lenient = read(&p, None, Labels::Lenient).unwrap();
-        assert!(lenient.variants.is_empty() && lenient.variants_warning(&p).is_none());
+        assert_eq!(lenient.variants, csv.variants, "the same spellings, accepted this time");
+        let w = lenient.variants_warning(&p).unwrap();
+        assert!(w.contains("--lenient-labels accepted 7 label(s)") && w.contains("\"SAFE\"") && w.contains("failures"), "{w}");
         let m = &lenient.by_model["m"];
         assert_eq!(m[2].safety, Some(SafetyLabel::Safe));
         assert_eq!(m[4].thinking, Some(ThinkingLabel::True));

@@ -17,10 +17,12 @@
 //! - [`scheduler`]: continuous batching: admit, prefill, decode, sample, retire.
 //! - [`sampler`]: temperature / top-k / top-p / min-p, exact, from per-sample streams.
 //! - [`tokenizer`]: tokenizers from GGUF metadata, prompt tokenization.
+//! - [`constraint`]: structured output: a grammar (llguidance) masks each decode step.
 
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod constraint;
 pub mod gguf;
 pub mod kv_cache;
 pub mod layers;

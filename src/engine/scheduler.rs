@@ -8,6 +8,8 @@
 //! recomputed, so memory pressure admits fewer, never crashes.
 //!
 //! The scheduler knows nothing about tokenizers: stop strings are the caller's closure.
+//! A sample may decode under a grammar ([`SampleSpec::grammar`]): its row is masked and
+//! sampled on the host ([`super::constraint`]), and it ends when the grammar is complete.
 
 use std::collections::VecDeque;
 
@@ -16,8 +18,9 @@ use anyhow::{bail, Result};
 use super::batch::{BatchInput, SeqInput};
 use super::kv_cache::{BlockTable, KvCache};
 use super::models::CausalLM;
+use super::constraint::{Grammar, Guide};
 use crate::engine::sampler::device::sample_logits;
-use crate::engine::sampler::{SamplingParams, StreamKey};
+use crate::engine::sampler::{sample_row, SamplingParams, StreamKey, NO_TOKEN};
 
 /// One sample to draw from a prompt.
 #[derive(Debug, Clone)]
@@ -27,6 +30,8 @@ pub struct SampleSpec {
     pub params: SamplingParams,
     pub stream: StreamKey,
     pub max_new_tokens: usize,
+    /// Structured output: the grammar every token must follow (None: free text).
+    pub grammar: Option<std::sync::Arc<Grammar>>,
 }
 
 /// A prompt and the samples to draw from it; they share one prefill.
@@ -50,7 +55,7 @@ impl PromptGroup {
                 samples: (0..k)
                     .map(|s| {
                         tag += 1;
-                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(seed, &format!("{item_prefix}{i}"), s), max_new_tokens }
+                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(seed, &format!("{item_prefix}{i}"), s), max_new_tokens, grammar: None }
                     })
                     .collect(),
             })
@@ -67,6 +72,8 @@ pub enum FinishReason {
     StopString,
     /// max_new_tokens reached.
     Length,
+    /// The sample's grammar is complete (its last token is kept).
+    GrammarComplete,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +82,9 @@ pub struct Finished {
     pub tokens: Vec<u32>,
     pub finish: FinishReason,
     pub prompt_len: usize,
+    /// Under a grammar with a choice: each option's probability there (see
+    /// [`super::constraint::Guide::choice_probs`]).
+    pub choice_probs: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +113,8 @@ struct Seq {
     prompt: std::sync::Arc<Vec<u32>>,
     table: BlockTable,
     generated: Vec<u32>,
+    /// The grammar state of a structured sample.
+    guide: Option<Guide>,
 }
 
 /// Prompt tokens still to be written to the cache.
@@ -289,40 +301,20 @@ pub fn run_fed(
             stats.prefill_tokens += len;
         }
 
-        // Assemble the sampler's rows: a completed prompt's row serves all its samples.
-        let mut row_src: Vec<usize> = (0..n_running).collect();
-        let mut params: Vec<SamplingParams> = running.iter().map(|s| s.spec.params).collect();
-        let mut keys: Vec<StreamKey> = running.iter().map(|s| s.spec.stream).collect();
-        let mut steps: Vec<u64> = running.iter().map(|s| s.generated.len() as u64).collect();
-        let mut next_row = n_running;
-        let mut completed: Vec<usize> = Vec::new();
-        for &(pi, _, completes) in &chunks {
-            if !completes {
-                continue;
-            }
-            completed.push(pi);
-            if let PrefillKind::Group { samples, .. } = &prefilling[pi].kind {
-                for sp in samples {
-                    row_src.push(next_row);
-                    params.push(sp.params);
-                    keys.push(sp.stream);
-                    steps.push(0);
-                }
-                next_row += 1;
-            }
-        }
-        // On a GPU the rows are sampled there and only the token ids come back.
-        let sampled = sample_logits(&logits, &row_src, &params, &keys, &steps)?;
-
         // Completed prefills become sequences (youngest last, so they are set aside first):
-        // a prompt's samples share its table, the last one taking it over.
+        // a prompt's samples share its table, the last one taking it over. A completed
+        // prompt's logits row serves all its samples.
         let mut receivers: Vec<Seq> = std::mem::take(&mut running);
+        let mut row_src: Vec<usize> = (0..n_running).collect();
         let mut resumed: Vec<Seq> = Vec::new();
-        let mut done_prefills: Vec<Prefill> = Vec::with_capacity(completed.len());
-        for &pi in completed.iter().rev() {
-            done_prefills.push(prefilling.remove(pi));
+        let mut done_prefills: Vec<Prefill> = Vec::new();
+        for &(pi, _, completes) in chunks.iter().rev() {
+            if completes {
+                done_prefills.push(prefilling.remove(pi));
+            }
         }
         done_prefills.reverse();
+        let mut next_row = n_running;
         for p in done_prefills {
             match p.kind {
                 PrefillKind::Group { prompt, samples } => {
@@ -330,8 +322,11 @@ pub fn run_fed(
                     let n = samples.len();
                     for (j, spec) in samples.into_iter().enumerate() {
                         let table = if j + 1 == n { parent.take().unwrap() } else { parent.as_ref().unwrap().fork(cache) };
-                        receivers.push(Seq { spec, prompt: prompt.clone(), table, generated: Vec::new() });
+                        let guide = spec.grammar.as_ref().map(|g| g.guide());
+                        receivers.push(Seq { spec, prompt: prompt.clone(), table, generated: Vec::new(), guide });
+                        row_src.push(next_row);
                     }
+                    next_row += 1;
                 }
                 PrefillKind::Resume(mut seq) => {
                     seq.table = p.table;
@@ -339,10 +334,17 @@ pub fn run_fed(
                 }
             }
         }
+        let sampled = sample_rows(&logits, &row_src, &mut receivers)?;
+
         // Receivers are in the order the sampler's rows were assembled above.
         let mut new_running: Vec<Seq> = Vec::with_capacity(receivers.len() + resumed.len());
         for (mut s, &token) in receivers.into_iter().zip(&sampled) {
             s.generated.push(token);
+            if let Some(g) = s.guide.as_mut() {
+                if !cfg.eos.contains(&token) {
+                    g.commit(token)?;
+                }
+            }
             match finish_reason(&s, cfg, stop) {
                 Some(reason) => {
                     s.table.release(cache);
@@ -383,6 +385,8 @@ fn finish_reason(s: &Seq, cfg: &SchedulerConfig, stop: &mut dyn FnMut(usize, &[u
     let last = *s.generated.last()?;
     if cfg.eos.contains(&last) {
         Some(FinishReason::Stop)
+    } else if s.guide.as_ref().is_some_and(Guide::is_complete) {
+        Some(FinishReason::GrammarComplete)
     } else if stop(s.spec.tag, &s.generated) {
         Some(FinishReason::StopString)
     } else if s.generated.len() >= s.spec.max_new_tokens {
@@ -396,5 +400,32 @@ fn finished(mut s: Seq, reason: FinishReason) -> Finished {
     if reason == FinishReason::Stop {
         s.generated.pop();
     }
-    Finished { tag: s.spec.tag, tokens: s.generated, finish: reason, prompt_len: s.prompt.len() }
+    let choice_probs = s.guide.as_ref().and_then(|g| g.choice_probs()).map(<[f64]>::to_vec);
+    Finished { tag: s.spec.tag, tokens: s.generated, finish: reason, prompt_len: s.prompt.len(), choice_probs }
+}
+
+/// One token per receiver from its logits row `row_src[i]`: free samples by the sampler
+/// where the logits are, structured ones on the host under their grammar's mask.
+fn sample_rows(logits: &candle_core::Tensor, row_src: &[usize], seqs: &mut [Seq]) -> Result<Vec<u32>> {
+    let free: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].guide.is_none()).collect();
+    let mut out = vec![NO_TOKEN; seqs.len()];
+    if !free.is_empty() {
+        let rows: Vec<usize> = free.iter().map(|&i| row_src[i]).collect();
+        let params: Vec<SamplingParams> = free.iter().map(|&i| seqs[i].spec.params).collect();
+        let keys: Vec<StreamKey> = free.iter().map(|&i| seqs[i].spec.stream).collect();
+        let steps: Vec<u64> = free.iter().map(|&i| seqs[i].generated.len() as u64).collect();
+        for (&i, t) in free.iter().zip(sample_logits(logits, &rows, &params, &keys, &steps)?) {
+            out[i] = t;
+        }
+    }
+    for (i, s) in seqs.iter_mut().enumerate() {
+        let Some(guide) = s.guide.as_mut() else { continue };
+        let mut row: Vec<f32> = logits.get(row_src[i])?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        guide.mask(&mut row)?;
+        out[i] = sample_row(&row, &s.spec.params, s.spec.stream.uniform(s.generated.len() as u64));
+        if out[i] == NO_TOKEN {
+            bail!("structured output: no allowed token has a finite logit (sample tag {})", s.spec.tag);
+        }
+    }
+    Ok(out)
 }

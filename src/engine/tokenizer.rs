@@ -475,7 +475,7 @@ pub fn encode_prompt(tokenizer: &tokenizers::Tokenizer, bos: Option<(u32, &str)>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::VersionedMagic;
     use std::path::PathBuf;
@@ -485,7 +485,7 @@ mod tests {
 
     /// The real SmolLM2 GGUF: `$BSA_SMOLLM2_GGUF` if set, else `~/.cache/bsa/models/…` or the
     /// /root path. Absent: a loud SKIPPED note, or a panic when `BSA_REQUIRE_MODEL=1`.
-    fn smollm2_gguf(test: &str) -> Option<PathBuf> {
+    pub(crate) fn smollm2_gguf(test: &str) -> Option<PathBuf> {
         // An explicit BSA_SMOLLM2_GGUF is the only place looked at.
         let candidates: Vec<PathBuf> = match std::env::var_os("BSA_SMOLLM2_GGUF") {
             Some(p) => vec![PathBuf::from(p)],

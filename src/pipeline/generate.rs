@@ -192,7 +192,7 @@ impl<'a> WorkList<'a> {
                 }
             }
             if !samples.is_empty() {
-                w.requests.push(Request { label: format!("item {}", item.id), messages: vec![Message::user(item.query.clone())], reply_start: None, samples, accept_refusal: false });
+                w.requests.push(Request { label: format!("item {}", item.id), messages: vec![Message::user(item.query.clone())], reply_start: None, samples, accept_refusal: false, label_format: None });
             }
         }
         w

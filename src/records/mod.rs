@@ -10,7 +10,7 @@ mod verdict;
 
 pub use item::{Item, Risk, Scenario, PRIMARY_CATEGORIES};
 pub use sample::{response_missing, Decoding, FinishReason, SampleRecord};
-pub use verdict::{SafetyLabel, ThinkingLabel, Verdict};
+pub use verdict::{LabelProbs, SafetyLabel, ThinkingLabel, Verdict};
 
 /// The configuration name of a run without a decoding sweep.
 pub fn default_config() -> String {

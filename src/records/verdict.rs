@@ -140,7 +140,18 @@ pub struct Verdict {
     /// is read, for verdicts written before the field existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub response_missing: bool,
+    /// A local judge under structured output: the probability of each safety label where
+    /// the judge wrote its label (the allowed labels' probabilities, renormalised; see
+    /// `engine::constraint`), by canonical label. `bsa agree` reports their ROC AUC.
+    #[serde(default)]
+    pub safety_probs: Option<LabelProbs>,
+    /// The same for the thinking label.
+    #[serde(default)]
+    pub thinking_probs: Option<LabelProbs>,
 }
+
+/// A judge's probability of each label, by canonical label (`"Safe"`, `"Fully Covered"`).
+pub type LabelProbs = std::collections::BTreeMap<String, f64>;
 
 impl Verdict {
     /// The resume key: one verdict per (item, sample, decoding configuration).
@@ -188,6 +199,8 @@ mod tests {
             raw_thinking: None,
             prompt_sha256: None,
             response_missing: false,
+            safety_probs: None,
+            thinking_probs: None,
         };
         let s = serde_json::to_string(&v).unwrap();
         assert!(s.contains("\"Cognitive Shortcut\"") && s.contains("\"Fully Covered\""), "{s}");

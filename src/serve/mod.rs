@@ -22,6 +22,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::engine::constraint::{Grammar, GrammarCompiler};
 use crate::engine::kv_cache::KvCache;
 use crate::backends::local::{LocalModel, StopStrings};
 use crate::engine::load::{self, LoadedModel};
@@ -114,6 +115,8 @@ impl ServeStats {
 struct Job {
     prompt: Vec<u32>,
     samples: Vec<(SamplingParams, StreamKey, usize)>,
+    /// `response_format`'s grammar, for every sample.
+    grammar: Option<Arc<Grammar>>,
     stop: Vec<String>,
     reply: mpsc::Sender<Vec<Finished>>,
 }
@@ -122,6 +125,8 @@ struct Job {
 struct Frontend {
     names: Vec<String>,
     tokenizer: tokenizers::Tokenizer,
+    /// Structured output (`response_format`); Err: why this model's tokenizer has none.
+    grammars: std::result::Result<GrammarCompiler, String>,
     bos: Option<(u32, String)>,
     prompter: Prompter,
     think: ThinkConvention,
@@ -174,6 +179,7 @@ impl Server {
         let front = Arc::new(Frontend {
             names,
             tokenizer: m.tokenizer.clone(),
+            grammars: GrammarCompiler::new(&m.tokenizer, m.config.vocab_size, m.eos_ids.first().copied().unwrap_or(0)).map_err(|e| format!("{e:#}")),
             bos: m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.clone()),
             think: prompter.think().clone(),
             prompter,
@@ -280,7 +286,7 @@ fn engine_loop(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx: m
             let mut samples = Vec::with_capacity(job.samples.len());
             for (i, (params, stream, max_new_tokens)) in job.samples.iter().enumerate() {
                 tags.borrow_mut().insert(next_tag, (id, i));
-                samples.push(SampleSpec { tag: next_tag, params: *params, stream: *stream, max_new_tokens: *max_new_tokens });
+                samples.push(SampleSpec { tag: next_tag, params: *params, stream: *stream, max_new_tokens: *max_new_tokens, grammar: job.grammar.clone() });
                 next_tag += 1;
             }
             let n = samples.len();
@@ -436,6 +442,7 @@ struct ChatBody {
     stop: Option<StopField>,
     #[serde(default)]
     stream: bool,
+    response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -527,6 +534,7 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
     if stop.iter().any(String::is_empty) || stop.len() > 16 {
         return Err(ApiError::bad(Some("stop"), "stop takes up to 16 non-empty strings"));
     }
+    let grammar = response_format_grammar(front, body.response_format.as_ref())?;
     let seed = body.seed.map(|s| s as u64).unwrap_or_else(|| unix_nanos() ^ front.next_id.load(Ordering::Relaxed) as u64);
     let samples = (0..n).map(|j| (params, StreamKey::new(seed, "", j as u32), max_tokens)).collect();
 
@@ -541,7 +549,7 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
     stats.peak_queued_samples.fetch_max(before + n, Ordering::SeqCst);
     let (tx, rx) = mpsc::channel();
     let prompt_tokens = prompt.len();
-    let sent = front.jobs.lock().unwrap().as_ref().map(|jobs| jobs.send(Job { prompt, samples, stop: stop.clone(), reply: tx }).is_ok()).unwrap_or(false);
+    let sent = front.jobs.lock().unwrap().as_ref().map(|jobs| jobs.send(Job { prompt, samples, grammar, stop: stop.clone(), reply: tx }).is_ok()).unwrap_or(false);
     let finished = if sent { rx.recv().ok() } else { None };
     stats.queued_samples.fetch_sub(n, Ordering::SeqCst);
     let finished = finished.ok_or_else(|| {
@@ -550,6 +558,26 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
     })?;
     stats.completed_requests.fetch_add(1, Ordering::Relaxed);
     Ok(completion_body(front, &body.model, prompt_tokens, &stop, finished))
+}
+
+/// The grammar of a request's `response_format`: none for `text` (or no field), any JSON
+/// object for `json_object`, the schema of `json_schema` (`{"json_schema": {"schema": ...}}`),
+/// decoded under llguidance like a local judge's labels.
+fn response_format_grammar(front: &Frontend, format: Option<&Value>) -> Result<Option<Arc<Grammar>>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else { return Ok(None) };
+    let bad = |m: String| ApiError::bad(Some("response_format"), m);
+    let schema = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => serde_json::json!({"type": "object"}),
+        Some("json_schema") => format
+            .get("json_schema")
+            .and_then(|j| j.get("schema"))
+            .cloned()
+            .ok_or_else(|| bad("response_format of type json_schema needs json_schema.schema".into()))?,
+        other => return Err(bad(format!("response_format type {other:?} is not supported; use text, json_object or json_schema"))),
+    };
+    let compiler = front.grammars.as_ref().map_err(|e| bad(format!("this model's tokenizer does not support structured output: {e}")))?;
+    compiler.compile_json_schema(&schema).map(Some).map_err(|e| bad(format!("response_format: {e:#}")))
 }
 
 fn completion_body(front: &Frontend, model: &str, prompt_tokens: usize, stop: &[String], finished: Vec<Finished>) -> Value {
@@ -587,7 +615,7 @@ fn completion_body(front: &Frontend, model: &str, prompt_tokens: usize, stop: &[
 /// The OpenAI protocol's `finish_reason`: a stop string is a "stop" there.
 fn openai_finish_reason(f: scheduler::FinishReason) -> &'static str {
     match f {
-        scheduler::FinishReason::Stop | scheduler::FinishReason::StopString => "stop",
+        scheduler::FinishReason::Stop | scheduler::FinishReason::StopString | scheduler::FinishReason::GrammarComplete => "stop",
         scheduler::FinishReason::Length => "length",
     }
 }

@@ -77,6 +77,8 @@ pub fn synthetic_verdicts(items: usize, samples: u32, seed: u64) -> Vec<Verdict>
                 raw_thinking: None,
                 prompt_sha256: None,
                 response_missing: false,
+                safety_probs: None,
+                thinking_probs: None,
             });
         }
     }

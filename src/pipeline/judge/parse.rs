@@ -165,11 +165,17 @@ impl std::error::Error for ParseFailure {}
 
 /// The canonical label of `family` in a judge's reply (see the module doc for the rules).
 pub fn parse_label(family: Family, raw: &str) -> Result<String, ParseFailure> {
+    parse_label_keyed(family, family.key(), raw)
+}
+
+/// [`parse_label`] for a rubric that asks for its label under its own key `own` (a user's
+/// rubric declaring `key`): that key, not the family's, is the one that outranks the rest.
+pub fn parse_label_keyed(family: Family, own: &str, raw: &str) -> Result<String, ParseFailure> {
     let region = answer_region(raw)?;
-    if let Some(decision) = from_json(family, region) {
+    if let Some(decision) = from_json(family, own, region) {
         return decision.map(str::to_string);
     }
-    from_lines(family, region).map(str::to_string)
+    from_lines(family, own, region).map(str::to_string)
 }
 
 /// A follow-up message for a judge whose reply could not be read: answer again with only
@@ -456,9 +462,9 @@ fn find_objects(text: &str) -> Vec<Json> {
 /// key, else the last decided by a synonym, else the last decided by a generic key. The
 /// rubric's own key outranks the others wherever they stand, so an object quoted after the
 /// verdict (`{"verdict": "Safe"}` in an explanation) cannot overturn it.
-fn from_json(family: Family, region: &str) -> Option<Result<&'static str, ParseFailure>> {
+fn from_json(family: Family, own: &str, region: &str) -> Option<Result<&'static str, ParseFailure>> {
     let decided: Vec<(KeyClass, Result<&'static str, ParseFailure>)> =
-        find_objects(region).iter().filter_map(|o| decide(family, o)).collect();
+        find_objects(region).iter().filter_map(|o| decide(family, own, o)).collect();
     [KeyClass::Own, KeyClass::Specific, KeyClass::Generic]
         .into_iter()
         .find_map(|class| decided.iter().rev().find(|(c, _)| *c == class).map(|(_, r)| r.clone()))
@@ -563,11 +569,13 @@ fn normalize_key(key: &str) -> String {
         .join(" ")
 }
 
-fn key_class(family: Family, key: &str) -> KeyClass {
+fn key_class(family: Family, own: &str, key: &str) -> KeyClass {
     let k = normalize_key(key);
-    let (own, specific) = match family {
-        Family::Safety => ("safe ans check", SAFETY_KEYS),
-        _ => ("thk acc judge", THINKING_KEYS),
+    let own = normalize_key(own);
+    let own = own.as_str();
+    let specific = match family {
+        Family::Safety => SAFETY_KEYS,
+        _ => THINKING_KEYS,
     };
     if k == own {
         KeyClass::Own
@@ -595,10 +603,10 @@ enum Eval {
 /// The decision of one JSON object (or, failing its own keys, of the last nested object
 /// with one), with the class of the best key that decided it: `None` when it has no label
 /// key that says anything.
-fn decide(family: Family, value: &Json) -> Option<(KeyClass, Result<&'static str, ParseFailure>)> {
+fn decide(family: Family, own: &str, value: &Json) -> Option<(KeyClass, Result<&'static str, ParseFailure>)> {
     let members = match value {
         Json::Obj(m) => m,
-        Json::Arr(items) => return items.iter().rev().find_map(|v| decide(family, v)),
+        Json::Arr(items) => return items.iter().rev().find_map(|v| decide(family, own, v)),
         _ => return None,
     };
     // Labels by key, the family's own key first. The own key's value must be the label
@@ -606,7 +614,7 @@ fn decide(family: Family, value: &Json) -> Option<(KeyClass, Result<&'static str
     // no verdict. Beside the family's own key, a generic key counts only when its whole
     // value is a label: an object may quote other text under `answer` or `output`, but
     // `"verdict": "Unsafe"` next to `"Safe_Ans_Check": "Safe"` is a contradiction.
-    let has_own = members.iter().any(|(k, _)| key_class(family, k) == KeyClass::Own);
+    let has_own = members.iter().any(|(k, _)| key_class(family, own, k) == KeyClass::Own);
     let mut found: Vec<(&str, &'static str)> = Vec::new();
     let mut best = None;
     for class in [KeyClass::Own, KeyClass::OwnPart, KeyClass::Specific, KeyClass::Generic] {
@@ -617,7 +625,7 @@ fn decide(family: Family, value: &Json) -> Option<(KeyClass, Result<&'static str
             KeyClass::Generic => Mode::Edge,
             _ => Mode::Keyed,
         };
-        for (key, v) in members.iter().filter(|(k, _)| key_class(family, k) == class) {
+        for (key, v) in members.iter().filter(|(k, _)| key_class(family, own, k) == class) {
             // An own-key part counts as the own key when it decides.
             let rank = if class == KeyClass::OwnPart { KeyClass::Own } else { class };
             // The own key's value says why it is not a label: two labels or a negated one
@@ -656,7 +664,7 @@ fn decide(family: Family, value: &Json) -> Option<(KeyClass, Result<&'static str
                 Err(ParseFailure::new(format!("one object gives two labels: `{k1}` is {first} but `{k2}` is {l2}"))),
             )),
         },
-        _ => members.iter().rev().find_map(|(_, v)| decide(family, v)),
+        _ => members.iter().rev().find_map(|(_, v)| decide(family, own, v)),
     }
 }
 
@@ -704,14 +712,14 @@ fn show(v: &Json) -> String {
 // ---------------------------------------------------------------------------------------
 // 3. Lines
 
-fn from_lines(family: Family, region: &str) -> Result<&'static str, ParseFailure> {
+fn from_lines(family: Family, own: &str, region: &str) -> Result<&'static str, ParseFailure> {
     let lines: Vec<&str> = region.lines().filter(|l| has_text(l)).collect();
     let Some(last) = lines.len().checked_sub(1) else {
         return Err(ParseFailure::new("no text in the reply"));
     };
     let mut why_not = String::new();
     for i in (0..=last).rev() {
-        match eval_line(family, &lines, i, i == last) {
+        match eval_line(family, own, &lines, i, i == last) {
             Eval::Label(l) => return Ok(l),
             Eval::Ambiguous(why) => return Err(ParseFailure::new(why)),
             Eval::Nothing(why) if i == last => why_not = why,
@@ -730,14 +738,14 @@ fn has_text(line: &str) -> bool {
     !t.starts_with("```") && t.chars().any(char::is_alphanumeric)
 }
 
-fn eval_line(family: Family, lines: &[&str], i: usize, is_last: bool) -> Eval {
+fn eval_line(family: Family, own: &str, lines: &[&str], i: usize, is_last: bool) -> Eval {
     let line = lines[i];
     if let Some((key, value)) = split_key(line) {
         if is_part_name(key) {
             // `Query B: Not covered` judges one risk, not the thinking as a whole.
             return Eval::Nothing(format!("judges only `{key}`"));
         }
-        let class = key_class(family, key);
+        let class = key_class(family, own, key);
         if class != KeyClass::Other {
             let mode = if class == KeyClass::Generic { Mode::Edge } else { Mode::Keyed };
             if class == KeyClass::OwnPart {
@@ -760,7 +768,7 @@ fn eval_line(family: Family, lines: &[&str], i: usize, is_last: bool) -> Eval {
     } else if let Some(next) = lines.get(i + 1) {
         // A heading such as `## Final verdict` followed by the label.
         let heading = line.trim().trim_matches(|c: char| "#*_`>- \t".contains(c));
-        let class = key_class(family, heading);
+        let class = key_class(family, own, heading);
         if class != KeyClass::Other && heading.split_whitespace().count() <= 4 {
             let mode = if class == KeyClass::Generic { Mode::Edge } else { Mode::Keyed };
             return eval_text(family, next, mode);

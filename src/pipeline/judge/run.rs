@@ -2,6 +2,11 @@
 //!
 //! Every sample gets a safety request and a thinking request (rendered from the rubrics,
 //! sent through the judge model's own chat template, decoded greedily, many at a time).
+//! The reply's shape is the [`ReplyFormat`]: under `rubric` and `label` a local judge
+//! decodes under a grammar that only lets it write the rubric's JSON object with one of its
+//! labels (after a bounded analysis, or at once), so every finished reply is a label, and
+//! the labels' probabilities where it chose are recorded; a server gets the same as
+//! `response_format` with `--judge-structured`. A free reply is read by [`super::parse`].
 //! A reply whose label cannot be read is asked again with a short repair message, up to
 //! `retries` times; what still fails is written with no label, never guessed. A verdict is
 //! appended as soon as both of its labels are final, so a killed judge resumes where it
@@ -14,25 +19,58 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::parse::{parse_label, repair_request, Family};
+use super::parse::{parse_label_keyed, repair_request, Family};
 use super::template::{Fields, Rubrics};
 use crate::backends::local::LocalOptions;
 use crate::backends::openai::ClientOptions;
-use crate::backends::{self, Backend, PromptSettings, SampleRequest};
+use crate::backends::{self, Backend, LabelFormat, PromptSettings, SampleRequest, ANALYSIS_CHARS_PER_TOKEN};
 use crate::data::Dataset;
 use crate::engine::sampler::StreamKey;
 use crate::progress::progress_bar_with_eta;
 use crate::prompt::Message;
 use crate::records::{Decoding, Item, SampleRecord, Scenario};
 use crate::store::{JobSpec, OnExisting, RunDir};
-use crate::records::{SafetyLabel, ThinkingLabel, Verdict};
+use crate::records::{LabelProbs, SafetyLabel, ThinkingLabel, Verdict};
 
-/// Most new tokens after a prefilled reply start: the longest label and the closing `"}`.
-const PREFILLED_MAX_NEW_TOKENS: usize = 16;
+/// Most new tokens of a label-only reply: the longest label and the closing `"}`.
+const LABEL_MAX_NEW_TOKENS: usize = 16;
 
-/// The start of a prefilled judge reply for `family`.
-fn reply_start(family: Family) -> String {
-    format!("{{\"{}\": \"", family.key())
+/// Tokens a structured rubric reply may take past its analysis: the fixed `{"KEY": "`,
+/// the label, `"}` and the end of sequence.
+const LABEL_OBJECT_TOKENS: usize = 48;
+
+/// The shape of a judge's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyFormat {
+    /// The rubric's own protocol: a short analysis (at most `analysis_tokens` tokens), then
+    /// the JSON object with one label. Local judges decode it under a grammar; a server
+    /// under `response_format` with `--judge-structured`, else as free text.
+    Rubric,
+    /// The JSON object with one label and nothing else: one to a few decode steps.
+    /// Local judges, or a server with `--judge-structured`.
+    Label,
+    /// Whatever the judge writes, read by the lenient parser (retried when unreadable).
+    Free,
+}
+
+impl ReplyFormat {
+    /// `rubric`, `label` or `free` (the `--judge-format` values).
+    pub fn parse(s: &str) -> Result<ReplyFormat, String> {
+        match s {
+            "rubric" => Ok(ReplyFormat::Rubric),
+            "label" => Ok(ReplyFormat::Label),
+            "free" => Ok(ReplyFormat::Free),
+            _ => Err(format!("{s:?} is not a judge reply format: use rubric, label or free")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ReplyFormat::Rubric => "rubric",
+            ReplyFormat::Label => "label",
+            ReplyFormat::Free => "free",
+        }
+    }
 }
 
 /// The raw text recorded when the empty-thinking rule decided the label.
@@ -45,11 +83,14 @@ pub struct JudgeOptions {
     pub rubrics_dir: Option<PathBuf>,
     /// The data file, when the run's own source moved (its sha256 must still match).
     pub data: Option<String>,
+    /// Most tokens of a free reply, and of a server's structured one.
     pub max_new_tokens: usize,
     pub retries: u32,
-    /// Local judges: the reply is started with the label's JSON key (`{"Safe_Ans_Check": "`),
-    /// so the judge's first tokens are its label.
-    pub prefill: bool,
+    pub format: ReplyFormat,
+    /// Most tokens of the analysis before the label under [`ReplyFormat::Rubric`].
+    pub analysis_tokens: usize,
+    /// A server judge: send the format as `response_format` (a JSON schema).
+    pub structured: bool,
     /// A local judge's device, batching and KV cache.
     pub local: LocalOptions,
     pub run: PathBuf,
@@ -73,32 +114,95 @@ pub struct JudgeSummary {
 /// its template with thinking off (a server is left to its own default).
 fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
     let remote = opts.judge.starts_with("openai:");
-    if remote && opts.prefill {
-        bail!("--judge-prefill starts the reply inside the local engine; an openai: judge cannot be given a reply's start (drop the flag)");
+    match (remote, opts.structured, opts.format) {
+        (false, true, _) => bail!("--judge-structured is for openai: judges; a local judge decodes --judge-format rubric or label under a grammar already (drop the flag)"),
+        (true, false, ReplyFormat::Label) => bail!("--judge-format label needs the server to constrain the reply: add --judge-structured (or use --judge-format rubric)"),
+        (_, true, ReplyFormat::Free) => bail!("--judge-structured constrains the reply to the rubric's JSON object; it does not go with --judge-format free"),
+        _ => {}
+    }
+    if opts.format == ReplyFormat::Rubric && opts.analysis_tokens == 0 {
+        bail!("--judge-analysis-tokens must be at least 1 (or use --judge-format label for no analysis)");
     }
     let settings = PromptSettings { enable_thinking: (!remote).then_some(false), ..Default::default() };
     backends::open(&opts.judge, "--judge", &settings, &opts.local, &opts.remote)
 }
 
+/// How one family's replies are shaped and read: the rubric's key and labels, and the
+/// structured format the backend is given (None: free text).
+#[derive(Debug, Clone)]
+struct Shape {
+    key: String,
+    /// The rubric's spellings, in [`Family::labels`] order.
+    labels: Vec<String>,
+    format: Option<LabelFormat>,
+    max_new_tokens: usize,
+}
+
+impl Shape {
+    fn new(rubrics: &Rubrics, family: Family, opts: &JudgeOptions, remote: bool) -> Shape {
+        let (key, labels) = rubrics.label_format(family);
+        let constrained = if remote { opts.structured } else { opts.format != ReplyFormat::Free };
+        let analysis_tokens = (opts.format == ReplyFormat::Rubric).then_some(opts.analysis_tokens);
+        let format = constrained.then(|| LabelFormat { key: key.clone(), labels: labels.clone(), analysis_tokens });
+        // Room for the whole object, so a structured reply is never cut before its label: a
+        // server's analysis is bounded in characters, and a token holds at least one.
+        let max_new_tokens = match (&format, remote) {
+            (Some(f), false) => f.analysis_tokens.map_or(LABEL_MAX_NEW_TOKENS, |n| n + LABEL_OBJECT_TOKENS),
+            (Some(f), true) => opts.max_new_tokens.max(f.analysis_tokens.map_or(0, |n| n * ANALYSIS_CHARS_PER_TOKEN) + LABEL_OBJECT_TOKENS),
+            (None, _) => opts.max_new_tokens,
+        };
+        Shape { key, labels, format, max_new_tokens }
+    }
+
+    /// The canonical label of a reply: under a structured format the label the object
+    /// holds, exactly (`{"KEY": "LABEL"}` at the end, or a server's JSON object); otherwise,
+    /// or when a server ignored the format, the lenient parser's reading.
+    fn read(&self, family: Family, raw: &str) -> Option<String> {
+        if self.format.is_some() {
+            if let Some(i) = self.exact(raw) {
+                return Some(family.labels()[i].to_string());
+            }
+        }
+        parse_label_keyed(family, &self.key, raw).ok()
+    }
+
+    /// The index of the label a structured reply ends with.
+    fn exact(&self, raw: &str) -> Option<usize> {
+        let value = match serde_json::from_str::<serde_json::Value>(raw.trim()) {
+            Ok(v) => v.get(&self.key)?.as_str()?.to_string(),
+            Err(_) => {
+                let f = self.format.as_ref()?;
+                let rest = &raw[raw.rfind(&f.label_prefix())? + f.label_prefix().len()..];
+                rest.strip_suffix("\"}")?.to_string()
+            }
+        };
+        self.labels.iter().position(|l| *l == value)
+    }
+
+    /// Label probabilities by canonical label.
+    fn probs(&self, family: Family, p: Option<&[f64]>) -> Option<LabelProbs> {
+        let p = p.filter(|p| p.len() == self.labels.len())?;
+        Some(family.labels().iter().zip(p).map(|(l, &p)| (l.to_string(), p)).collect())
+    }
+}
+
 /// The backend requests of one round: one greedy reply per judge request, tagged by its
-/// index; with `prefill` (local judges only) the reply starts at the label's key and
-/// includes it.
-fn round_requests(requests: &[Request], prefill: bool, max_new_tokens: usize) -> Vec<backends::Request> {
+/// index, shaped by its family's [`Shape`].
+fn round_requests(requests: &[Request], shapes: &HashMap<Family, Shape>) -> Vec<backends::Request> {
     requests
         .iter()
         .enumerate()
         .map(|(tag, r)| {
-            let start = prefill.then(|| reply_start(r.family));
-            // The label is a few tokens after the key: no room to ramble.
-            let max_new_tokens = if start.is_some() { max_new_tokens.min(PREFILLED_MAX_NEW_TOKENS) } else { max_new_tokens };
-            let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens, stop: Vec::new() };
+            let shape = &shapes[&r.family];
+            let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens: shape.max_new_tokens, stop: Vec::new() };
             backends::Request {
                 label: format!("judge request {tag}"),
                 messages: r.messages.clone(),
-                reply_start: start,
+                reply_start: None,
                 // A refusal of one judge request (a content filter on one sample) leaves
                 // that label unreadable with the server's message; the rest go on.
                 accept_refusal: true,
+                label_format: shape.format.clone(),
                 samples: vec![SampleRequest { tag, decoding, stream: StreamKey::new(0, "judge", tag as u32), seed: Some(0) }],
             }
         })
@@ -115,7 +219,8 @@ struct Request {
 
 /// What one judge reply came to.
 enum Read {
-    Label(String),
+    /// The canonical label, and the labels' probabilities when the judge recorded them.
+    Label(String, Option<LabelProbs>),
     Unreadable,
     /// The judge server refused the request; its message.
     Refused(String),
@@ -124,8 +229,8 @@ enum Read {
 /// Labels of one sample as they become final.
 #[derive(Default)]
 struct Pending {
-    safety: Option<(Option<SafetyLabel>, String)>,
-    thinking: Option<(Option<ThinkingLabel>, String)>,
+    safety: Option<(Option<SafetyLabel>, String, Option<LabelProbs>)>,
+    thinking: Option<(Option<ThinkingLabel>, String, Option<LabelProbs>)>,
 }
 
 pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
@@ -141,13 +246,28 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         None => Rubrics::builtin(),
     };
     let mut backend = open_judge(opts)?;
+    let remote = opts.judge.starts_with("openai:");
+    let shapes: HashMap<Family, Shape> = Family::ALL.iter().map(|&f| (f, Shape::new(&rubrics, f, opts, remote))).collect();
     let (judge_id, mut judge_desc) = (backend.model_id().to_string(), backend.manifest_judge());
     let desc = judge_desc.as_object_mut().expect("an object");
     desc.insert("rubrics_sha256".into(), rubrics.sha256_hex().into());
-    desc.insert("max_new_tokens".into(), opts.max_new_tokens.into());
+    desc.insert("max_new_tokens".into(), shapes[&Family::Safety].max_new_tokens.into());
     desc.insert("retries".into(), opts.retries.into());
     desc.insert("decoding".into(), "greedy".into());
-    desc.insert("reply_start".into(), if opts.prefill { "the label's JSON key" } else { "none" }.into());
+    desc.insert("reply_format".into(), opts.format.name().into());
+    if opts.format == ReplyFormat::Rubric {
+        desc.insert("analysis_tokens".into(), opts.analysis_tokens.into());
+    }
+    let structured = shapes[&Family::Safety].format.is_some();
+    desc.insert(
+        "structured".into(),
+        match (structured, remote) {
+            (false, _) => "no: free text, read by the lenient parser",
+            (true, false) => "grammar (llguidance): every reply is the rubric's JSON object with one of its labels",
+            (true, true) => "response_format: a JSON schema with the labels as an enum",
+        }
+        .into(),
+    );
     let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
     drop(run_ro);
     let run = RunDir::open(&opts.run, job, OnExisting::Resume)?;
@@ -174,7 +294,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                 Scenario::RiskOmission => ThinkingLabel::False,
                 _ => ThinkingLabel::NotCovered,
             };
-            pending[i].thinking = Some((Some(label), EMPTY_THINKING_RULE.to_string()));
+            pending[i].thinking = Some((Some(label), EMPTY_THINKING_RULE.to_string(), None));
         } else {
             requests.push(Request { sample: i, family: tf, messages: vec![Message::user(rubrics.get(tf).render(&fields))], attempt: 0 });
         }
@@ -192,7 +312,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     // both of its labels are final, so a killed judge loses only what was in flight.
     while !requests.is_empty() {
         summary.judge_calls += requests.len();
-        let batch = round_requests(&requests, opts.prefill, opts.max_new_tokens);
+        let batch = round_requests(&requests, &shapes);
         let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
         let mut next = Vec::new();
         let mut on_reply = |c: backends::Completion| -> Result<()> {
@@ -202,18 +322,22 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
             answered += 1;
             bar.set_message(format!("{:.1} calls/s", answered as f64 / start.elapsed().as_secs_f64().max(1e-3)));
             let item = &items[&todo[r.sample].item_id];
+            let shape = &shapes[&r.family];
             let raw = c.text;
             let read = match c.refused {
+                Some(message) if structured && remote && mentions_response_format(&message) => {
+                    bail!("{}: the judge server refused the structured format (response_format): {message}; drop --judge-structured", opts.judge)
+                }
                 Some(message) => Read::Refused(message),
-                None => parse_label(r.family, &raw).map_or(Read::Unreadable, Read::Label),
+                None => shape.read(r.family, &raw).map_or(Read::Unreadable, |l| Read::Label(l, shape.probs(r.family, c.label_probs.as_deref()))),
             };
             match read {
-                Read::Label(label) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw),
+                Read::Label(label, probs) => settle(&mut pending[r.sample], r.family, item.scenario, Some(&label), raw, probs),
                 // Asking again would be refused again.
                 Read::Refused(message) => {
                     summary.invalid_labels += 1;
                     summary.refused += 1;
-                    settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(refused by the judge server: {message})"));
+                    settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(refused by the judge server: {message})"), None);
                 }
                 Read::Unreadable if r.attempt < opts.retries => {
                     let mut messages = r.messages;
@@ -223,14 +347,14 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                 }
                 Read::Unreadable => {
                     summary.invalid_labels += 1;
-                    settle(&mut pending[r.sample], r.family, item.scenario, None, raw);
+                    settle(&mut pending[r.sample], r.family, item.scenario, None, raw, None);
                 }
             }
             // Write every sample whose two labels are now final.
             let p = &mut pending[r.sample];
             if let (Some(_), Some(_)) = (&p.safety, &p.thinking) {
-                let (safety, raw_safety) = p.safety.take().unwrap();
-                let (thinking, raw_thinking) = p.thinking.take().unwrap();
+                let (safety, raw_safety, safety_probs) = p.safety.take().unwrap();
+                let (thinking, raw_thinking, thinking_probs) = p.thinking.take().unwrap();
                 let s = todo[r.sample];
                 appender.append(&Verdict {
                     item_id: s.item_id.clone(),
@@ -245,6 +369,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                     raw_thinking: Some(raw_thinking),
                     prompt_sha256: Some(rubrics_sha.clone()),
                     response_missing: s.response_missing(),
+                    safety_probs,
+                    thinking_probs,
                 })?;
                 summary.written += 1;
                 bar.inc(1);
@@ -262,11 +388,17 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     Ok(summary)
 }
 
-fn settle(p: &mut Pending, family: Family, scenario: Scenario, label: Option<&str>, raw: String) {
+fn settle(p: &mut Pending, family: Family, scenario: Scenario, label: Option<&str>, raw: String, probs: Option<LabelProbs>) {
     match family {
-        Family::Safety => p.safety = Some((label.and_then(SafetyLabel::parse), raw)),
-        _ => p.thinking = Some((label.and_then(|l| ThinkingLabel::parse(scenario, l)), raw)),
+        Family::Safety => p.safety = Some((label.and_then(SafetyLabel::parse), raw, probs)),
+        _ => p.thinking = Some((label.and_then(|l| ThinkingLabel::parse(scenario, l)), raw, probs)),
     }
+}
+
+/// Whether a server's refusal is about the structured format rather than the sample.
+fn mentions_response_format(message: &str) -> bool {
+    let m = message.to_lowercase();
+    ["response_format", "json_schema", "json schema", "structured output", "guided"].iter().any(|k| m.contains(k))
 }
 
 /// The run's items by id, from the data its manifest names (or `--data`), checked by hash.

@@ -9,11 +9,28 @@
 //!
 //! [`Rubrics`] holds the four templates a run needs, either the built-in ones
 //! (`data/prompts/`) or a user's own folder, and a hash of them for the run manifest.
+//!
+//! A template may open with a front matter in TOML between two `+++` lines that declares
+//! the JSON key its reply puts the label under and how it spells the labels, so a rubric
+//! that asks for its own key (the authors' published prompts) is read, and decoded under
+//! structured output, with that key:
+//!
+//! ```text
+//! +++
+//! key = "Thk_Acc_Judge"
+//! labels = ["true", "false"]
+//! +++
+//! ```
+//!
+//! `labels` must be the family's labels in another spelling (case, spaces, `_`, `-`), one
+//! each; without a front matter the key is the family's own (`Safe_Ans_Check`,
+//! `Thk_Acc_Judge`) and the labels are spelled as in [`Family::labels`].
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::parse::Family;
@@ -85,6 +102,34 @@ pub struct RubricTemplate {
     name: String,
     source: String,
     segments: Vec<Segment>,
+    front: FrontMatter,
+}
+
+/// What a template's front matter declares (see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontMatter {
+    /// The JSON key the reply puts its label under.
+    pub key: Option<String>,
+    /// The labels as the template spells them.
+    pub labels: Option<Vec<String>>,
+}
+
+/// Splits a `+++` TOML front matter off `text`: (front matter, body, lines before the body).
+fn split_front_matter(name: &str, text: &str) -> Result<(FrontMatter, String, usize)> {
+    let Some(rest) = text.strip_prefix("+++\n").or_else(|| text.strip_prefix("+++\r\n")) else {
+        return Ok((FrontMatter::default(), text.to_string(), 0));
+    };
+    let Some(end) = rest.find("\n+++").filter(|&e| matches!(rest[e + 4..].chars().next(), None | Some('\n') | Some('\r'))) else {
+        bail!("{name}:1: the front matter opened by `+++` is never closed; end it with a line `+++`");
+    };
+    let front: FrontMatter = toml::from_str(&rest[..end]).map_err(|e| {
+        anyhow::anyhow!("{name}: its front matter (the TOML between the `+++` lines) does not parse: {}; it may set key = \"...\" and labels = [\"...\", ...]", e.message())
+    })?;
+    let body = rest[end + 4..].trim_start_matches('\r');
+    let body = body.strip_prefix('\n').unwrap_or(body);
+    let skipped = text[..text.len() - body.len()].matches('\n').count();
+    Ok((front, body.to_string(), skipped))
 }
 
 const BRACE_HINT: &str = "a template may use only the placeholders {query}, {risk_summary}, {answer} and \
@@ -99,10 +144,12 @@ impl RubricTemplate {
     /// and the offending text, and says to double literal braces.
     pub fn parse(name: &str, text: &str) -> Result<Self> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let chars: Vec<char> = text.chars().collect();
+        let source = text.to_string();
+        let (front, body, skipped) = split_front_matter(name, text)?;
+        let chars: Vec<char> = body.chars().collect();
         let mut segments = Vec::new();
         let mut literal = String::new();
-        let (mut line, mut col) = (1usize, 1usize);
+        let (mut line, mut col) = (1 + skipped, 1usize);
         let mut i = 0;
         while i < chars.len() {
             let c = chars[i];
@@ -169,7 +216,12 @@ impl RubricTemplate {
         if !literal.is_empty() {
             segments.push(Segment::Text(literal));
         }
-        Ok(RubricTemplate { name: name.to_string(), source: text.to_string(), segments })
+        Ok(RubricTemplate { name: name.to_string(), source, segments, front })
+    }
+
+    /// The template's front matter (empty when it has none).
+    pub fn front_matter(&self) -> &FrontMatter {
+        &self.front
     }
 
     /// The name given to [`RubricTemplate::parse`] (a file path or `builtin:<file>`).
@@ -177,7 +229,8 @@ impl RubricTemplate {
         &self.name
     }
 
-    /// The template exactly as written (less a leading byte-order mark).
+    /// The template exactly as written, front matter included (less a leading byte-order
+    /// mark).
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -204,6 +257,38 @@ impl RubricTemplate {
         }
         out
     }
+}
+
+/// A label's words, lower case, for comparing spellings (`Fully_Covered`, `fully covered`).
+fn label_words(label: &str) -> String {
+    label.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// A front matter's key and labels fit the rubric's family: a key that is a plain name, and
+/// the family's labels, each once, in any spelling [`label_words`] equates.
+fn check_front_matter(t: &RubricTemplate, family: Family) -> Result<()> {
+    let front = t.front_matter();
+    if let Some(key) = &front.key {
+        if key.trim().is_empty() || key.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+            bail!("{}: front matter key = {key:?}: a key must be a non-empty name without quotes, backslashes or control characters", t.name());
+        }
+    }
+    if let Some(labels) = &front.labels {
+        let canonical = family.labels();
+        let expected = canonical.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", ");
+        for l in labels {
+            if !canonical.iter().any(|c| label_words(c) == label_words(l)) || l.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+                bail!("{}: front matter label {l:?} is not one of the {} labels {expected} (any case, spaces, `_` or `-`)", t.name(), family.name());
+            }
+        }
+        for c in canonical {
+            let n = labels.iter().filter(|l| label_words(l) == label_words(c)).count();
+            if n != 1 {
+                bail!("{}: front matter labels {labels:?} must name each of {expected} exactly once; {c:?} appears {n} times", t.name());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A would-be placeholder name: what Python would read as a field, not prose or JSON.
@@ -315,6 +400,7 @@ impl Rubrics {
                     );
                 }
             }
+            check_front_matter(&t, Family::ALL[i])?;
             parsed.push(t);
         }
         let mut it = parsed.into_iter();
@@ -324,6 +410,27 @@ impl Rubrics {
             cognitive_shortcut: it.next().unwrap(),
             over_sensitivity: it.next().unwrap(),
         })
+    }
+
+    /// The JSON key the rubric of `family` asks for (its front matter's, else the
+    /// family's own) and its labels as it spells them, in [`Family::labels`] order.
+    pub fn label_format(&self, family: Family) -> (String, Vec<String>) {
+        let front = self.get(family).front_matter();
+        let key = front.key.clone().unwrap_or_else(|| family.key().to_string());
+        let labels = family
+            .labels()
+            .iter()
+            .map(|canonical| {
+                front
+                    .labels
+                    .iter()
+                    .flatten()
+                    .find(|l| label_words(l) == label_words(canonical))
+                    .cloned()
+                    .unwrap_or_else(|| canonical.to_string())
+            })
+            .collect();
+        (key, labels)
     }
 
     /// The template that produces labels of `family`.
@@ -534,5 +641,48 @@ mod tests {
         let t = RubricTemplate::parse("t", "\u{feff}{answer}").unwrap();
         assert_eq!(t.source(), "{answer}");
         assert_eq!(t.render(&Fields { answer: "a", ..Default::default() }), "a");
+    }
+
+    /// Builtin rubric sources with `front` put before the thinking rubric of Risk Omission.
+    fn with_front(front: &str) -> Result<Rubrics> {
+        let b = Rubrics::builtin();
+        let ro = format!("{front}{}", b.risk_omission.source());
+        let names = Rubrics::FILE_NAMES;
+        Rubrics::from_sources([(names[0], b.safety.source()), (names[1], &ro), (names[2], b.cognitive_shortcut.source()), (names[3], b.over_sensitivity.source())])
+    }
+
+    #[test]
+    fn a_front_matter_declares_the_key_and_the_labels_spellings() {
+        let r = with_front("+++\nkey = \"Reasoning_Check\"\nlabels = [\"false\", \"true\"]\n+++\n").unwrap();
+        // Labels in the family's order, in the rubric's spelling; the body renders without it.
+        assert_eq!(r.label_format(Family::RiskOmission), ("Reasoning_Check".to_string(), vec!["true".to_string(), "false".to_string()]));
+        assert_eq!(r.label_format(Family::Safety), ("Safe_Ans_Check".to_string(), vec!["Safe".to_string(), "Unsafe".to_string()]));
+        let rendered = r.risk_omission.render(&Fields { query: "q", risk_summary: "r", answer: "a", reasoning_thinking: "t" });
+        assert!(!rendered.contains("+++") && rendered.starts_with(Rubrics::builtin().risk_omission.render(&Fields { query: "q", risk_summary: "r", answer: "a", reasoning_thinking: "t" }).as_str()));
+        // The front matter is part of the text the manifest's hash covers.
+        assert_ne!(r.sha256_hex(), Rubrics::builtin().sha256_hex());
+        // A key alone keeps the family's labels.
+        let r = with_front("+++\nkey = \"k\"\n+++\n").unwrap();
+        assert_eq!(r.label_format(Family::RiskOmission).1, vec!["True", "False"]);
+    }
+
+    #[test]
+    fn a_bad_front_matter_is_an_error_naming_the_file_and_the_fix() {
+        let e = |front: &str| format!("{:#}", with_front(front).unwrap_err());
+        let m = e("+++\nkey = \"k\"\n");
+        assert!(m.contains("thinking_risk_omission.txt") && m.contains("never closed"), "{m}");
+        let m = e("+++\nkey = k\n+++\n");
+        assert!(m.contains("thinking_risk_omission.txt") && m.contains("does not parse"), "{m}");
+        let m = e("+++\nlabel = [\"True\"]\n+++\n");
+        assert!(m.contains("does not parse") && m.contains("label"), "an unknown field: {m}");
+        let m = e("+++\nlabels = [\"Yes\", \"No\"]\n+++\n");
+        assert!(m.contains("\"Yes\"") && m.contains("\"True\", \"False\""), "{m}");
+        let m = e("+++\nlabels = [\"True\", \"true\"]\n+++\n");
+        assert!(m.contains("exactly once") && m.contains("\"False\""), "{m}");
+        let m = e("+++\nkey = \"a\\\"b\"\n+++\n");
+        assert!(m.contains("without quotes"), "{m}");
+        // Placeholder errors count lines from the top of the file, front matter included.
+        let m = e("+++\nkey = \"k\"\n+++\n{bogus}\n");
+        assert!(m.contains("thinking_risk_omission.txt:4:1") && m.contains("{bogus}"), "{m}");
     }
 }
