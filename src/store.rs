@@ -193,6 +193,21 @@ impl RunDir {
     }
 }
 
+/// Where `job` differs from the run's `existing` job (the first field, as
+/// [`RunDir::open`]'s error names it), or None when it would resume.
+pub fn job_mismatch(existing: &JobSpec, job: &JobSpec) -> Option<String> {
+    reconcile(existing, job).err()
+}
+
+/// Removes `job.judge` from the manifest of the run at `path`, under the run's lock: for a
+/// run whose judge wrote no verdict, so that another judge may take it.
+pub fn forget_judge(path: &Path) -> Result<()> {
+    let _lock = lock_run(path)?;
+    let mut m = read_manifest(path)?;
+    m.job.judge = None;
+    write_json_atomic(&path.join(MANIFEST), &m)
+}
+
 fn lock_run(dir: &Path) -> Result<File> {
     let p = dir.join(".lock");
     let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p)

@@ -218,6 +218,10 @@ fn agree_reports_the_roc_auc_of_label_probabilities() {
     assert!(v["families"][1]["roc_auc_a"].is_null(), "no thinking probabilities either");
     let text = ok(&bsa(&["agree", a.to_str().unwrap(), b.to_str().unwrap(), "--resamples", "20"]));
     assert!(text.contains(&format!("A's P(Safe) against B's labels: ROC AUC {expect:.3}")), "{text}");
+    // Against a labelling of one class there is no AUC, and the table says why.
+    let c = write_run(&dir.path().join("c"), "judge-c", &items, &one_config(), 5, false, &|_, _, _| (safe(true), Some(true)));
+    let text = ok(&bsa(&["agree", a.to_str().unwrap(), c.to_str().unwrap(), "--resamples", "20"]));
+    assert!(text.contains("A's P(Safe) against B's labels: no ROC AUC, B's 120 label(s) are all of one class"), "{text}");
 }
 
 #[test]

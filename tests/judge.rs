@@ -112,6 +112,11 @@ fn bad_judge_settings_are_refused() {
     assert!(e.contains("--judge-format free"), "{e}");
     let e = fails(&bsa(&["judge", run_s, "--judge-format", "json"]));
     assert!(e.contains("rubric, label or free"), "{e}");
+    // bsa eval checks the judge's settings before it generates anything.
+    let never = dir.path().join("never");
+    let e = fails(&bsa(&["eval", "--judge-structured", "--limit", "1", "--samples", "1", "--out", never.to_str().unwrap()]));
+    assert!(e.contains("--judge-structured"), "{e}");
+    assert!(!never.join("samples.jsonl").exists(), "nothing generated before the judge's settings were checked");
     let prompts = dir.path().join("prompts");
     std::fs::create_dir(&prompts).unwrap();
     write_file(&prompts, "safety.txt", "{query} {risk_summary} {answer}");

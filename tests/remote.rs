@@ -176,6 +176,7 @@ fn a_refused_connection_is_retried_then_reported() {
     let t = Instant::now();
     let err = client(&url, 2, Duration::from_secs(2)).chat(&hello()).unwrap_err().to_string();
     assert!(err.contains(&url) && err.contains("after 3 attempts"), "{err}");
+    assert_eq!(err.matches(&url).count(), 1, "the URL once: {err}");
     assert!(t.elapsed() >= Duration::from_millis(20), "no backoff between attempts");
 }
 
@@ -423,6 +424,15 @@ fn a_structured_remote_judge_sends_the_schema_and_a_refused_schema_is_explained(
     assert!(!o.status.success() && stderr.contains("drop --judge-structured") && stderr.contains("not supported by this model"), "{stderr}");
     let v2 = out2.join("verdicts.jsonl");
     assert!(!v2.exists() || records(&v2).is_empty(), "nothing written");
+    // That judge wrote no verdict, so it does not hold the run: another judge takes it.
+    let judge = format!("openai:fake-judge@{}", j.url);
+    let o = bsa(&["judge", out2.to_str().unwrap(), "--judge", &judge, "--judge-structured", "--quiet"], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(records(&v2).len(), 4);
+    // With verdicts written, another judge is refused, with advice a judge can follow.
+    let o = bsa(&["judge", out2.to_str().unwrap(), "--judge", &judge, "--quiet"], "k");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("job.judge") && stderr.contains("judge a copy") && !stderr.contains("--new-run"), "{stderr}");
 }
 
 fn json_list(items: &[&str]) -> Value {

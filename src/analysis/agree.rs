@@ -140,6 +140,9 @@ pub struct FamilyAgreement {
     pub roc_auc_a: Option<RocAuc>,
     /// The same with B's probabilities against A's labels.
     pub roc_auc_b: Option<RocAuc>,
+    /// Pairs where A (B) has label probabilities and the other side a readable label.
+    pub with_probs_a: usize,
+    pub with_probs_b: usize,
 }
 
 /// A ROC AUC and what it was computed over.
@@ -306,8 +309,8 @@ pub fn agree(a: &JudgedRun, b: &JudgedRun, opts: &AgreeOptions) -> Result<Agreem
         let scored = |probs: &dyn Fn(&Verdict, &Verdict) -> Option<(f64, bool)>| -> Vec<(f64, bool)> {
             pairs.iter().filter(|(va, _)| fam.applies(va)).filter_map(|(va, vb)| probs(va, vb)).collect()
         };
-        let roc_auc_a = roc_auc(&scored(&|va, vb| Some((fam.pass_prob(va)?, fam.label_index(vb)? == 0))));
-        let roc_auc_b = roc_auc(&scored(&|va, vb| Some((fam.pass_prob(vb)?, fam.label_index(va)? == 0))));
+        let (scored_a, scored_b) = (scored(&|va, vb| Some((fam.pass_prob(va)?, fam.label_index(vb)? == 0))), scored(&|va, vb| Some((fam.pass_prob(vb)?, fam.label_index(va)? == 0))));
+        let (roc_auc_a, roc_auc_b) = (roc_auc(&scored_a), roc_auc(&scored_b));
         families.push(FamilyAgreement {
             family: fam.name(),
             labels: fam.labels().iter().map(|s| s.to_string()).collect(),
@@ -323,6 +326,8 @@ pub fn agree(a: &JudgedRun, b: &JudgedRun, opts: &AgreeOptions) -> Result<Agreem
             invalid_both: inv_both,
             roc_auc_a,
             roc_auc_b,
+            with_probs_a: scored_a.len(),
+            with_probs_b: scored_b.len(),
         });
     }
     bar.finish_and_clear();
@@ -480,8 +485,9 @@ impl Agreement {
             .families
             .iter()
             .flat_map(|f| {
-                [("A", "B", f.roc_auc_a), ("B", "A", f.roc_auc_b)].into_iter().filter_map(move |(p, l, r)| {
-                    r.map(|r| format!("  {}: {p}'s P({}) against {l}'s labels: ROC AUC {:.3} ({} passing, {} not)", f.family, f.labels[0], r.auc, r.positives, r.negatives))
+                [("A", "B", f.roc_auc_a, f.with_probs_a), ("B", "A", f.roc_auc_b, f.with_probs_b)].into_iter().filter(|x| x.3 > 0).map(move |(p, l, r, n)| match r {
+                    Some(r) => format!("  {}: {p}'s P({}) against {l}'s labels: ROC AUC {:.3} ({} passing, {} not)", f.family, f.labels[0], r.auc, r.positives, r.negatives),
+                    None => format!("  {}: {p}'s P({}) against {l}'s labels: no ROC AUC, {l}'s {n} label(s) are all of one class", f.family, f.labels[0]),
                 })
             })
             .collect();

@@ -323,7 +323,12 @@ impl Client {
                 };
                 Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry, retry_after, status: Some(code) })
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure { message: format!("{t}"), retry: true, retry_after: None, status: None }),
+            // ureq's message starts with the URL, which the caller puts first already.
+            Err(ureq::Error::Transport(t)) => {
+                let text = t.to_string();
+                let message = text.strip_prefix(url).map(|m| m.trim_start_matches(':').trim_start().to_string()).unwrap_or(text);
+                Err(Failure { message, retry: true, retry_after: None, status: None })
+            }
         }
     }
 

@@ -201,7 +201,9 @@ pub struct JudgeOpts {
     pub judge: String,
     /// A folder with your own rubrics (safety.txt, thinking_risk_omission.txt,
     /// thinking_cognitive_shortcut.txt, thinking_over_sensitivity.txt) using {query},
-    /// {risk_summary}, {answer}, {reasoning_thinking}; literal braces doubled.
+    /// {risk_summary}, {answer}, {reasoning_thinking}; literal braces doubled. A file may
+    /// open with a TOML front matter between `+++` lines declaring the JSON key its reply
+    /// uses and its labels' spellings: key = "...", labels = ["...", ...].
     #[arg(long, value_name = "DIR")]
     pub judge_prompts: Option<PathBuf>,
     /// Most tokens of one free judge reply (--judge-format free, or a server without

@@ -25,6 +25,8 @@ pub(super) fn run(a: EvalArgs) -> Result<()> {
     let (batch, engine, quiet, remote) = (g.batch_size, g.engine.clone(), g.quiet, g.remote.clone());
     let score_opts = a.score.options();
     score_opts.validate()?;
+    // The judge's settings are checked before hours of generation, not after.
+    bsa::pipeline::judge::run::check_options(&judge_options(&a.judge, Default::default(), None, batch, &engine, quiet, &remote))?;
     let run = generate(a.generate)?;
     let opts = judge_options(&a.judge, run.clone(), None, batch, &engine, quiet, &remote);
     let s = bsa::pipeline::judge::run::judge(&opts)?;

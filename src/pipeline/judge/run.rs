@@ -29,7 +29,7 @@ use crate::engine::sampler::StreamKey;
 use crate::progress::progress_bar_with_eta;
 use crate::prompt::Message;
 use crate::records::{Decoding, Item, SampleRecord, Scenario};
-use crate::store::{JobSpec, OnExisting, RunDir};
+use crate::store::{self, JobSpec, OnExisting, RunDir};
 use crate::records::{LabelProbs, SafetyLabel, ThinkingLabel, Verdict};
 
 /// Most new tokens of a label-only reply: the longest label and the closing `"}`.
@@ -110,19 +110,30 @@ pub struct JudgeSummary {
     pub seconds: f64,
 }
 
-/// Opens `--judge`: `openai:MODEL@URL`, `local:MODEL` or a bare MODEL. A local judge renders
-/// its template with thinking off (a server is left to its own default).
-fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
+/// Checks the judge settings that need no model and no run: the reply format against the
+/// judge's kind, and the rubric folder. `bsa eval` and `bsa sweep` call it before they
+/// generate, so a mistake shows before hours of generation, not after; returns the rubrics.
+pub fn check_options(opts: &JudgeOptions) -> Result<Rubrics> {
     let remote = opts.judge.starts_with("openai:");
     match (remote, opts.structured, opts.format) {
         (false, true, _) => bail!("--judge-structured is for openai: judges; a local judge decodes --judge-format rubric or label under a grammar already (drop the flag)"),
-        (true, false, ReplyFormat::Label) => bail!("--judge-format label needs the server to constrain the reply: add --judge-structured (or use --judge-format rubric)"),
+        (true, false, ReplyFormat::Label) => bail!("--judge-format label needs the server to constrain the reply: add --judge-structured (without it a server's reply is free text, read by the lenient parser)"),
         (_, true, ReplyFormat::Free) => bail!("--judge-structured constrains the reply to the rubric's JSON object; it does not go with --judge-format free"),
         _ => {}
     }
     if opts.format == ReplyFormat::Rubric && opts.analysis_tokens == 0 {
         bail!("--judge-analysis-tokens must be at least 1 (or use --judge-format label for no analysis)");
     }
+    match &opts.rubrics_dir {
+        Some(d) => Rubrics::from_dir(d),
+        None => Ok(Rubrics::builtin()),
+    }
+}
+
+/// Opens `--judge`: `openai:MODEL@URL`, `local:MODEL` or a bare MODEL. A local judge renders
+/// its template with thinking off (a server is left to its own default).
+fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
+    let remote = opts.judge.starts_with("openai:");
     let settings = PromptSettings { enable_thinking: (!remote).then_some(false), ..Default::default() };
     backends::open(&opts.judge, "--judge", &settings, &opts.local, &opts.remote)
 }
@@ -240,11 +251,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         bail!("{} has no samples.jsonl: generate first (bsa generate --out {})", opts.run.display(), opts.run.display());
     }
     let (samples, _) = samples_log.read_keyed::<SampleRecord>(SampleRecord::key)?;
+    let rubrics = check_options(opts)?;
     let items = run_items(&run_ro, opts.data.as_deref())?;
-    let rubrics = match &opts.rubrics_dir {
-        Some(d) => Rubrics::from_dir(d)?,
-        None => Rubrics::builtin(),
-    };
     let mut backend = open_judge(opts)?;
     let remote = opts.judge.starts_with("openai:");
     let shapes: HashMap<Family, Shape> = Family::ALL.iter().map(|&f| (f, Shape::new(&rubrics, f, opts, remote))).collect();
@@ -255,10 +263,10 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     desc.insert("retries".into(), opts.retries.into());
     desc.insert("decoding".into(), "greedy".into());
     desc.insert("reply_format".into(), opts.format.name().into());
-    if opts.format == ReplyFormat::Rubric {
+    let structured = shapes[&Family::Safety].format.is_some();
+    if opts.format == ReplyFormat::Rubric && structured {
         desc.insert("analysis_tokens".into(), opts.analysis_tokens.into());
     }
-    let structured = shapes[&Family::Safety].format.is_some();
     desc.insert(
         "structured".into(),
         match (structured, remote) {
@@ -269,6 +277,18 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         .into(),
     );
     let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
+    // A judge that wrote no verdict (it failed at once: a server down, a bad flag) does not
+    // hold the run; one that did is resumed only with its own settings.
+    let unjudged = run_ro.verdicts().read_keyed::<Verdict>(Verdict::key)?.0.is_empty();
+    if let Some(diff) = store::job_mismatch(&run_ro.manifest.job, &job) {
+        if !unjudged {
+            bail!(
+                "{}: its verdicts come from a judge with other settings ({diff}); rerun with those settings to resume, or judge a copy of the run (samples.jsonl, and manifest.json without job.judge) to label it another way",
+                opts.run.display()
+            );
+        }
+        store::forget_judge(&opts.run)?;
+    }
     drop(run_ro);
     let run = RunDir::open(&opts.run, job, OnExisting::Resume)?;
     let verdict_log = run.verdicts();
