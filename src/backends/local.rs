@@ -252,13 +252,11 @@ impl LocalBackend {
         if let Some(g) = self.grammars.get(format) {
             return Ok(g.clone());
         }
-        if let Some(bad) = format.labels.iter().find(|l| l.is_empty() || l.chars().any(|c| c == '"' || c == '\\' || c.is_control())) {
-            bail!("structured judge output: the label {bad:?} is empty or holds a quote, a backslash or a control character; rename it");
+        if let Some(bad) = format.labels.iter().find(|l| !LabelFormat::is_plain(l)) {
+            bail!("structured judge output: the label {bad:?} is blank or holds a quote, a backslash or a control character; rename it");
         }
-        let m = &self.model.loaded;
         if self.compiler.is_none() {
-            let eos = m.eos_ids.first().copied().unwrap_or(0);
-            self.compiler = Some(GrammarCompiler::new(&m.tokenizer, m.config.vocab_size, eos)?);
+            self.compiler = Some(GrammarCompiler::for_model(&self.model.loaded)?);
         }
         let compiler = self.compiler.as_ref().expect("built above");
         let labels = format.labels.iter().map(|l| lark_literal(l)).collect::<Vec<_>>().join(" | ");

@@ -63,6 +63,13 @@ pub struct LabelFormat {
 pub const ANALYSIS_CHARS_PER_TOKEN: usize = 4;
 
 impl LabelFormat {
+    /// Whether `text` may be a key or a label: not blank, and nothing a JSON string would
+    /// have to escape (a quote, a backslash, a control character), so the text the judge
+    /// writes is the text the format names.
+    pub fn is_plain(text: &str) -> bool {
+        !text.trim().is_empty() && !text.chars().any(|c| c == '"' || c == '\\' || c.is_control())
+    }
+
     /// The reply's start a local engine puts in the prompt for a label-only format.
     pub fn reply_start(&self) -> Option<String> {
         self.analysis_tokens.is_none().then(|| self.label_prefix())

@@ -125,8 +125,12 @@ struct Job {
 struct Frontend {
     names: Vec<String>,
     tokenizer: tokenizers::Tokenizer,
-    /// Structured output (`response_format`); Err: why this model's tokenizer has none.
-    grammars: std::result::Result<GrammarCompiler, String>,
+    /// Structured output (`response_format`), built by the first request that asks for it
+    /// (it takes about half a second for a 49k vocabulary, which a server that never sees
+    /// one should not pay at start); Err: why this model's tokenizer has none.
+    grammars: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>,
+    /// The logits width and end-of-sequence token the compiler needs besides the tokenizer.
+    grammar_vocab: (usize, u32),
     bos: Option<(u32, String)>,
     prompter: Prompter,
     think: ThinkConvention,
@@ -179,7 +183,8 @@ impl Server {
         let front = Arc::new(Frontend {
             names,
             tokenizer: m.tokenizer.clone(),
-            grammars: GrammarCompiler::new(&m.tokenizer, m.config.vocab_size, m.eos_ids.first().copied().unwrap_or(0)).map_err(|e| format!("{e:#}")),
+            grammars: std::sync::OnceLock::new(),
+            grammar_vocab: (m.config.vocab_size, m.eos_ids.first().copied().unwrap_or(0)),
             bos: m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.clone()),
             think: prompter.think().clone(),
             prompter,
@@ -576,7 +581,12 @@ fn response_format_grammar(front: &Frontend, format: Option<&Value>) -> Result<O
             .ok_or_else(|| bad("response_format of type json_schema needs json_schema.schema".into()))?,
         other => return Err(bad(format!("response_format type {other:?} is not supported; use text, json_object or json_schema"))),
     };
-    let compiler = front.grammars.as_ref().map_err(|e| bad(format!("this model's tokenizer does not support structured output: {e}")))?;
+    let (vocab_size, eos) = front.grammar_vocab;
+    let compiler = front
+        .grammars
+        .get_or_init(|| GrammarCompiler::new(&front.tokenizer, vocab_size, eos).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| bad(format!("this model's tokenizer does not support structured output: {e}")))?;
     compiler.compile_json_schema(&schema).map(Some).map_err(|e| bad(format!("response_format: {e:#}")))
 }
 

@@ -561,7 +561,9 @@ const GENERIC_KEYS: &[&str] = &[
     "category",
 ];
 
-fn normalize_key(key: &str) -> String {
+/// A key's or label's words, lower case, joined by single spaces (`Safe_Ans_Check` and
+/// `safe ans check`, `Fully-Covered` and `fully covered` compare equal).
+pub(super) fn normalize_key(key: &str) -> String {
     key.to_lowercase()
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())

@@ -99,6 +99,13 @@ pub struct JudgeOptions {
     pub remote: ClientOptions,
 }
 
+impl JudgeOptions {
+    /// Whether the judge is a server (`openai:MODEL@URL`), not the local engine.
+    pub fn remote(&self) -> bool {
+        self.judge.starts_with("openai:")
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct JudgeSummary {
     pub written: usize,
@@ -114,8 +121,7 @@ pub struct JudgeSummary {
 /// judge's kind, and the rubric folder. `bsa eval` and `bsa sweep` call it before they
 /// generate, so a mistake shows before hours of generation, not after; returns the rubrics.
 pub fn check_options(opts: &JudgeOptions) -> Result<Rubrics> {
-    let remote = opts.judge.starts_with("openai:");
-    match (remote, opts.structured, opts.format) {
+    match (opts.remote(), opts.structured, opts.format) {
         (false, true, _) => bail!("--judge-structured is for openai: judges; a local judge decodes --judge-format rubric or label under a grammar already (drop the flag)"),
         (true, false, ReplyFormat::Label) => bail!("--judge-format label needs the server to constrain the reply: add --judge-structured (without it a server's reply is free text, read by the lenient parser)"),
         (_, true, ReplyFormat::Free) => bail!("--judge-structured constrains the reply to the rubric's JSON object; it does not go with --judge-format free"),
@@ -133,8 +139,7 @@ pub fn check_options(opts: &JudgeOptions) -> Result<Rubrics> {
 /// Opens `--judge`: `openai:MODEL@URL`, `local:MODEL` or a bare MODEL. A local judge renders
 /// its template with thinking off (a server is left to its own default).
 fn open_judge(opts: &JudgeOptions) -> Result<Box<dyn Backend>> {
-    let remote = opts.judge.starts_with("openai:");
-    let settings = PromptSettings { enable_thinking: (!remote).then_some(false), ..Default::default() };
+    let settings = PromptSettings { enable_thinking: (!opts.remote()).then_some(false), ..Default::default() };
     backends::open(&opts.judge, "--judge", &settings, &opts.local, &opts.remote)
 }
 
@@ -182,8 +187,8 @@ impl Shape {
         let value = match serde_json::from_str::<serde_json::Value>(raw.trim()) {
             Ok(v) => v.get(&self.key)?.as_str()?.to_string(),
             Err(_) => {
-                let f = self.format.as_ref()?;
-                let rest = &raw[raw.rfind(&f.label_prefix())? + f.label_prefix().len()..];
+                let prefix = self.format.as_ref()?.label_prefix();
+                let rest = &raw[raw.rfind(&prefix)? + prefix.len()..];
                 rest.strip_suffix("\"}")?.to_string()
             }
         };
@@ -254,7 +259,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     let rubrics = check_options(opts)?;
     let items = run_items(&run_ro, opts.data.as_deref())?;
     let mut backend = open_judge(opts)?;
-    let remote = opts.judge.starts_with("openai:");
+    let remote = opts.remote();
     let shapes: HashMap<Family, Shape> = Family::ALL.iter().map(|&f| (f, Shape::new(&rubrics, f, opts, remote))).collect();
     let (judge_id, mut judge_desc) = (backend.model_id().to_string(), backend.manifest_judge());
     let desc = judge_desc.as_object_mut().expect("an object");
@@ -279,9 +284,8 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
     // A judge that wrote no verdict (it failed at once: a server down, a bad flag) does not
     // hold the run; one that did is resumed only with its own settings.
-    let unjudged = run_ro.verdicts().read_keyed::<Verdict>(Verdict::key)?.0.is_empty();
     if let Some(diff) = store::job_mismatch(&run_ro.manifest.job, &job) {
-        if !unjudged {
+        if !run_ro.verdicts().read_keyed::<Verdict>(Verdict::key)?.0.is_empty() {
             bail!(
                 "{}: its verdicts come from a judge with other settings ({diff}); rerun with those settings to resume, or judge a copy of the run (samples.jsonl, and manifest.json without job.judge) to label it another way",
                 opts.run.display()

@@ -33,7 +33,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::parse::Family;
+use crate::backends::LabelFormat;
+
+use super::parse::{normalize_key, Family};
 
 /// The placeholders a template may use, in the order [`Fields`] lists them.
 pub const PLACEHOLDERS: [&str; 4] = ["query", "risk_summary", "answer", "reasoning_thinking"];
@@ -259,17 +261,12 @@ impl RubricTemplate {
     }
 }
 
-/// A label's words, lower case, for comparing spellings (`Fully_Covered`, `fully covered`).
-fn label_words(label: &str) -> String {
-    label.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
-}
-
 /// A front matter's key and labels fit the rubric's family: a key that is a plain name, and
-/// the family's labels, each once, in any spelling [`label_words`] equates.
+/// the family's labels, each once, in any spelling [`normalize_key`] equates.
 fn check_front_matter(t: &RubricTemplate, family: Family) -> Result<()> {
     let front = t.front_matter();
     if let Some(key) = &front.key {
-        if key.trim().is_empty() || key.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        if !LabelFormat::is_plain(key) {
             bail!("{}: front matter key = {key:?}: a key must be a non-empty name without quotes, backslashes or control characters", t.name());
         }
     }
@@ -277,12 +274,12 @@ fn check_front_matter(t: &RubricTemplate, family: Family) -> Result<()> {
         let canonical = family.labels();
         let expected = canonical.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", ");
         for l in labels {
-            if !canonical.iter().any(|c| label_words(c) == label_words(l)) || l.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+            if !canonical.iter().any(|c| normalize_key(c) == normalize_key(l)) || !LabelFormat::is_plain(l) {
                 bail!("{}: front matter label {l:?} is not one of the {} labels {expected} (any case, spaces, `_` or `-`)", t.name(), family.name());
             }
         }
         for c in canonical {
-            let n = labels.iter().filter(|l| label_words(l) == label_words(c)).count();
+            let n = labels.iter().filter(|l| normalize_key(l) == normalize_key(c)).count();
             if n != 1 {
                 bail!("{}: front matter labels {labels:?} must name each of {expected} exactly once; {c:?} appears {n} times", t.name());
             }
@@ -425,7 +422,7 @@ impl Rubrics {
                     .labels
                     .iter()
                     .flatten()
-                    .find(|l| label_words(l) == label_words(canonical))
+                    .find(|l| normalize_key(l) == normalize_key(canonical))
                     .cloned()
                     .unwrap_or_else(|| canonical.to_string())
             })
