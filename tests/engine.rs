@@ -25,10 +25,26 @@ fn sample_prompts(m: &LocalModel, n: usize) -> Vec<Vec<u32>> {
 
 /// Generates with the scheduler; returns the tokens per tag.
 fn run(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size: usize, blocks: usize) -> Vec<Vec<u32>> {
+    run_with(m, groups, batch, block_size, blocks, true).0
+}
+
+/// What a scheduler run did, summed over its steps, and the cache's evictions.
+#[derive(Debug, Default)]
+struct Totals {
+    prefill: usize,
+    cached: usize,
+    set_aside: usize,
+    evictions: u64,
+}
+
+/// [`run`] with prefix caching on or off; also returns what the run did.
+fn run_with(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size: usize, blocks: usize, prefix_cache: bool) -> (Vec<Vec<u32>>, Totals) {
     let n: usize = groups.iter().map(|g| g.samples.len()).sum();
     let mut out = vec![Vec::new(); n];
     let mut cache = KvCache::new(&m.config, block_size, blocks, DType::F32, &Device::Cpu).unwrap();
+    cache.set_prefix_caching(prefix_cache);
     let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 256, eos: m.eos_ids.clone() };
+    let mut totals = Totals::default();
     scheduler::run(
         m.model.as_ref(),
         &mut cache,
@@ -39,11 +55,16 @@ fn run(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size
             out[f.tag] = f.tokens;
             Ok(())
         },
-        &mut |_| {},
+        &mut |s| {
+            totals.prefill += s.prefill_tokens;
+            totals.cached += s.cached_prefill_tokens;
+            totals.set_aside += s.set_aside;
+        },
     )
     .unwrap();
     assert_eq!(cache.free_blocks(), blocks, "every block returned at the end");
-    out
+    totals.evictions = cache.prefix_cache_stats().evictions;
+    (out, totals)
 }
 
 fn groups(prompts: &[Vec<u32>], k: u32, params: SamplingParams, max_new: usize) -> Vec<PromptGroup> {
@@ -82,6 +103,48 @@ fn a_tiny_cache_sets_sequences_aside_and_still_finishes_identically() {
     let tight_blocks = (longest + 16).div_ceil(4) * 3 / 2 + 2;
     let tight = run(&m.loaded, groups(&prompts, 2, greedy, 16), 8, 4, tight_blocks);
     assert_eq!(roomy, tight);
+}
+
+/// Prefix caching on the real model: prompts that share prefixes of many lengths (on and off
+/// block boundaries, down to the chat template's header alone) decode to the same tokens with
+/// the cache as without it, greedy and seeded, and in a cache so small that cached blocks are
+/// evicted and sequences set aside and recomputed; the tokens it did not compute are counted.
+#[test]
+fn prefix_caching_changes_no_token() {
+    let Some(path) = smollm2() else { return };
+    let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let base = sample_prompts(&m, 4);
+    // Prompt 0 whole, then its first `cut` tokens followed by another prompt's last part.
+    let header = base.iter().map(|p| p.iter().zip(&base[0]).take_while(|(a, b)| a == b).count()).min().unwrap();
+    assert!(header >= 8, "the chat template gives every prompt a common header ({header} tokens)");
+    let mut prompts = vec![base[0].clone()];
+    for (i, cut) in [header, 16, 17, 31, 32, 33, base[0].len() - 1].into_iter().enumerate() {
+        let other = &base[1 + i % 3];
+        prompts.push([&base[0][..cut.min(base[0].len())], &other[other.len() / 2..]].concat());
+    }
+    prompts.push(base[0].clone()); // the same prompt again: all but its last block cached
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0 };
+    // Two prompts sharing three blocks, admitted in the same step: the second waits for the
+    // first to write them instead of computing them too.
+    let pair = [prompts[0].clone(), prompts[6].clone()];
+    assert!(pair[0][..33] == pair[1][..33] && pair[0][33] != pair[1][33]);
+    let (_, t) = run_with(&m.loaded, groups(&pair, 1, greedy, 2), 4, 16, 512, true);
+    assert_eq!((t.prefill, t.cached), (pair[0].len() + pair[1].len() - 32, 32), "{t:?}");
+    for (what, params, k) in [("greedy", greedy, 1), ("seeded", seeded, 2)] {
+        let (off, off_totals) = run_with(&m.loaded, groups(&prompts, k, params, 12), 4, 16, 512, false);
+        let (on, on_totals) = run_with(&m.loaded, groups(&prompts, k, params, 12), 4, 16, 512, true);
+        assert_eq!(on, off, "{what}: the same tokens with and without the prefix cache");
+        assert_eq!(off_totals.cached, 0);
+        assert!(on_totals.cached >= 8 * header, "{what}: {on_totals:?}");
+        assert_eq!(on_totals.prefill + on_totals.cached, off_totals.prefill, "{what}: every prompt token computed or taken");
+        // Room for one prompt and a few blocks more: cached blocks are evicted, sequences
+        // set aside and recomputed.
+        let (tight, t) = run_with(&m.loaded, groups(&prompts, k, params, 12), 4, 4, longest.div_ceil(4) + 6, true);
+        assert_eq!(tight, off, "{what}: the same tokens in a tight cache");
+        assert!(t.evictions > 0 && t.cached > 0 && t.set_aside > 0, "{what}: {t:?}");
+    }
 }
 
 /// Structured samples (a grammar per sample) in the same batch as free ones: the free ones

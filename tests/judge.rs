@@ -48,7 +48,8 @@ fn eval_generates_judges_and_scores_and_resumes() {
 
     // --judge-format label: the same samples, the reply is the object alone.
     let (pre, pre_s) = fresh_judge_dir(dir.path(), &out, "label");
-    ok(&bsa(&["judge", &pre_s, "--judge", &model, "--judge-format", "label", "--judge-retries", "0", "--quiet"]));
+    let label_args = ["--judge", &model, "--judge-format", "label", "--judge-retries", "0", "--quiet"];
+    let cached_stdout = ok(&bsa(&[&["judge", &pre_s][..], &label_args].concat()));
     let verdicts = records(&pre.join("verdicts.jsonl"));
     assert_eq!(verdicts.len(), 6);
     for v in &verdicts {
@@ -57,6 +58,25 @@ fn eval_generates_judges_and_scores_and_resumes() {
         assert_structured(v, raw);
     }
     assert_eq!(json(&pre.join("manifest.json"))["job"]["judge"]["reply_format"], "label");
+
+    // The prefix cache changes no verdict: without it the judge writes the same labels, raw
+    // replies and probabilities, and computes every prompt token it took from the cache.
+    let (plain, plain_s) = fresh_judge_dir(dir.path(), &out, "no-prefix-cache");
+    let plain_stdout = ok(&bsa(&[&["judge", &plain_s][..], &label_args, &["--no-prefix-cache"]].concat()));
+    let sorted = |d: &std::path::Path| {
+        let mut v: Vec<String> = records(&d.join("verdicts.jsonl")).iter().map(|v| v.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(&pre), sorted(&plain));
+    let prefill = |stdout: &str| -> (usize, usize) {
+        let line = stdout.lines().find(|l| l.contains("judge prefill:")).unwrap_or_else(|| panic!("no prefill line: {stdout}"));
+        let n: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        (n[0], n[1])
+    };
+    let (computed, cached) = prefill(&cached_stdout);
+    assert!(cached > computed, "six requests opening with one rubric: {cached_stdout}");
+    assert_eq!(prefill(&plain_stdout), (computed + cached, 0), "{plain_stdout}");
 
     // --judge-format free: the lenient parser reads whatever the judge wrote; a label it
     // cannot read stays null, never guessed.

@@ -294,15 +294,27 @@ fn a_clients_concurrent_requests_share_decode_steps() {
     let client = Client::new(endpoint, ClientOptions { concurrency: 8, ..Default::default() }).unwrap();
     // Greedy, one prompt, no stop before max_tokens is likely: every request decodes alike.
     let req = ChatRequest { messages: vec![Message::user("Write a long story about a lighthouse.")], n: 1, temperature: 0.0, top_p: 1.0, max_tokens: 24, ..Default::default() };
-    let mut lens = Vec::new();
+    let (mut lens, mut texts, mut prompt_tokens) = (Vec::new(), Vec::new(), 0);
     client.chat_all((0..16).map(|i| (i, req.clone())).collect(), &mut |_, r| {
-        lens.push(r?.completion_tokens);
+        let r = r?;
+        lens.push(r.completion_tokens);
+        prompt_tokens += r.prompt_tokens;
+        texts.push(r.choices[0].content.clone());
         Ok(())
     })
     .unwrap();
     assert_eq!(lens.len(), 16);
+    assert!(texts.iter().all(|t| *t == texts[0]), "greedy, one prompt: one text, from the prefix cache or not: {texts:?}");
     let (_, health, _) = send(&server.url("/health"), None, None);
     let st = &health["stats"];
+    // One prompt 16 times: every request after the first takes its full blocks from the
+    // prefix cache.
+    let (computed, cached) = (st["prefill_tokens"].as_u64().unwrap() as usize, st["cached_prefill_tokens"].as_u64().unwrap() as usize);
+    assert_eq!(computed + cached, prompt_tokens, "{st}");
+    assert!(cached >= 15 * (prompt_tokens / 16 - 16), "{st}");
+    assert_eq!(st["prefix_cache"], true, "{st}");
+    let rate = st["prefix_cache_hit_rate"].as_f64().unwrap();
+    assert!((rate - cached as f64 / prompt_tokens as f64).abs() < 1e-12, "{st}");
     let (tokens, steps) = (st["decode_tokens"].as_f64().unwrap(), st["decode_steps"].as_f64().unwrap());
     // Requests that arrive a step apart decode a step apart, so allow some ragged edges.
     assert!(tokens / steps >= 6.0, "mean decode batch {:.1} with 8 workers: {st} (lengths {lens:?})", tokens / steps);

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use super::preset::{self, Preset};
-use super::{sampling_params, Backend, Completion, LabelFormat, Progress, PromptSettings, Request};
+use super::{sampling_params, Backend, Completion, LabelFormat, PrefillStats, Progress, PromptSettings, Request};
 use crate::engine::constraint::{lark_literal, lark_tokens, Choice, Grammar, GrammarCompiler};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::load::{self, load_dir, load_gguf, LoadedModel};
@@ -207,13 +207,16 @@ pub struct LocalOptions {
     pub block_size: usize,
     /// KV-cache memory in MiB.
     pub kv_cache_mb: usize,
+    /// Automatic prefix caching: prompt blocks computed once are reused by every later prompt
+    /// that starts with the same tokens (`--no-prefix-cache` turns it off).
+    pub prefix_cache: bool,
     /// A PEFT LoRA adapter merged into the weights at load (`--adapter DIR`).
     pub adapter: Option<PathBuf>,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        LocalOptions { device: "auto".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, block_size: 16, kv_cache_mb: 1024, adapter: None }
+        LocalOptions { device: "auto".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, block_size: 16, kv_cache_mb: 1024, prefix_cache: true, adapter: None }
     }
 }
 
@@ -237,7 +240,8 @@ impl LocalBackend {
         let dtype = load::dtype(&opts.dtype, &device)?;
         let model = LocalModel::load_with_adapter(model, opts.adapter.as_deref(), &device, dtype)?;
         let prompter = Prompter::new(&model.prompt_format(), prompt)?;
-        let cache = model.kv_cache(opts.block_size.max(1), opts.kv_cache_mb, &device, dtype)?;
+        let mut cache = model.kv_cache(opts.block_size.max(1), opts.kv_cache_mb, &device, dtype)?;
+        cache.set_prefix_caching(opts.prefix_cache);
         let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: model.loaded.eos_ids.clone() };
         Ok(LocalBackend { model, prompter, cache, sched, compiler: None, grammars: HashMap::new() })
     }
@@ -379,7 +383,9 @@ impl Backend for LocalBackend {
             }
             on_completion(Completion { tag: f.tag, text, reasoning: None, finish: f.finish.into(), prompt_tokens: f.prompt_len, completion_tokens: f.tokens.len(), refused: None, label_probs: f.choice_probs })
         };
-        let mut on_step = |s: scheduler::StepStats| on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running });
+        let mut on_step = |s: scheduler::StepStats| {
+            on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running, prefill: PrefillStats { computed: s.prefill_tokens, cached: s.cached_prefill_tokens } })
+        };
         scheduler::run(m.model.as_ref(), &mut self.cache, &self.sched, groups, &mut stop, &mut on_done, &mut on_step)
     }
 }

@@ -178,6 +178,37 @@ pub struct Progress {
     pub decoded_tokens: usize,
     /// Sequences decoding now.
     pub running: usize,
+    /// Prompt tokens computed in this step, and taken from the prefix cache instead.
+    pub prefill: PrefillStats,
+}
+
+/// What a local engine prefilled (summed over steps).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefillStats {
+    /// Tokens computed by prefill: prompts, and sequences set aside and recomputed.
+    pub computed: usize,
+    /// Tokens taken from the prefix cache instead of being computed.
+    pub cached: usize,
+}
+
+impl PrefillStats {
+    pub fn add(&mut self, other: PrefillStats) {
+        self.computed += other.computed;
+        self.cached += other.cached;
+    }
+
+    /// The share of prompt tokens taken from the cache, in [0, 1]; None before any prompt.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let all = self.computed + self.cached;
+        (all > 0).then(|| self.cached as f64 / all as f64)
+    }
+
+    /// "prefill: N tokens computed, M taken from the prefix cache (P% hit rate)", or None when
+    /// no prompt went through a local engine.
+    pub fn describe(&self) -> Option<String> {
+        let rate = self.hit_rate()?;
+        Some(format!("prefill: {} tokens computed, {} taken from the prefix cache ({:.1}% hit rate)", self.computed, self.cached, 100.0 * rate))
+    }
 }
 
 /// A source of completions.

@@ -114,12 +114,18 @@ pub struct EngineArgs {
     /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Compute every prompt in full: no automatic prefix caching in the local engine (which
+    /// reuses the KV blocks of prompt prefixes computed before, e.g. a judge rubric's
+    /// opening; the outputs are the same either way). To compare, or as an escape hatch. An
+    /// `openai:` server caches, or not, by its own settings.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 impl EngineArgs {
     /// The local engine's options with these flags and the command's batching.
     pub fn local(&self, batch_size: usize, prefill_chunk: usize, block_size: usize, adapter: Option<PathBuf>) -> LocalOptions {
-        LocalOptions { device: self.device.clone(), dtype: self.dtype.clone(), batch_size, prefill_chunk, block_size, kv_cache_mb: self.kv_cache_mb, adapter }
+        LocalOptions { device: self.device.clone(), dtype: self.dtype.clone(), batch_size, prefill_chunk, block_size, kv_cache_mb: self.kv_cache_mb, prefix_cache: !self.no_prefix_cache, adapter }
     }
 }
 

@@ -74,6 +74,9 @@ pub(super) fn generate(a: GenerateArgs) -> Result<PathBuf> {
             s.completion_tokens,
             s.completion_tokens as f64 / s.seconds.max(1e-9)
         );
+        if let Some(prefill) = s.prefill.describe() {
+            println!("  {prefill}");
+        }
     }
     Ok(s.run)
 }

@@ -59,6 +59,9 @@ pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
             s.invalid_labels,
             if s.refused > 0 { format!(" ({} refused by the judge server; their verdicts keep its message)", s.refused) } else { String::new() }
         );
+        if let Some(prefill) = s.prefill.describe() {
+            println!("  judge {prefill}");
+        }
     }
 }
 

@@ -53,6 +53,7 @@ pub(super) fn run(a: ServeArgs) -> Result<()> {
         batch_size: a.batch_size,
         prefill_chunk: a.prefill_chunk,
         kv_cache_mb: a.engine.kv_cache_mb,
+        prefix_cache: !a.engine.no_prefix_cache,
         max_queue: a.max_queue,
         max_n: a.max_n,
         max_tokens: a.max_tokens,

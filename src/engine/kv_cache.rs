@@ -11,8 +11,21 @@
 //! [`KvCache::apply_pending_copies`], which every model forward calls before it writes. Queuing
 //! keeps `reserve` free of device work (it only fails when blocks run out) and lets one forward
 //! do all copies of a scheduling step as a single gather/scatter per layer.
+//!
+//! **Prefix caching.** A full block is content-addressed: its [`BlockHash`] chains the hash of
+//! the block before it with its own tokens, so equal hashes mean equal tokens at equal
+//! positions, hence equal keys and values. [`BlockTable::commit_full_blocks`] registers every
+//! block a sequence has filled; [`BlockTable::adopt_cached_prefix`] lets a new sequence start
+//! from the registered blocks of its prefix instead of computing them (vLLM's automatic prefix
+//! caching, the same idea as SGLang's radix tree). A registered block whose last owner released
+//! it is not freed but kept, evictable: it is handed out again, least recently used first, only
+//! when no free block is left. Registered blocks are always full, and sequences only write past
+//! their last full block, so a cached block is never written. An address names tokens, not
+//! weights: a cache serves one model ([`KvCache::clear_prefix_cache`] if its weights change).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -37,6 +50,92 @@ pub struct KvCache {
     /// Queued copy-on-write copies `(src, dst)`. Sources always name pre-flush contents
     /// (see [`KvCache::queue_copy`]), so all of them can run as one gather then one scatter.
     pending: Vec<(u32, u32)>,
+    /// The content-addressed blocks; None when prefix caching is off.
+    prefix: Option<PrefixIndex>,
+}
+
+/// Content address of a full KV block: a 128-bit hash of the previous block's address and this
+/// block's token ids ([`block_hash`]).
+pub type BlockHash = u128;
+
+/// The address of the block holding `tokens` (one block's worth) after the block `parent`
+/// (None: the first block of a sequence). Two passes of std's `DefaultHasher` (fixed keys)
+/// after distinct domain bytes give 128 bits; stable within a process, which is all the cache
+/// needs.
+pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+    let half = |domain: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        domain.hash(&mut h);
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish() as u128
+    };
+    (half(1) << 64) | half(2)
+}
+
+/// The chained addresses of every full block of `tokens` (a partial last block has none).
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+    let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
+    for chunk in tokens.chunks_exact(block_size) {
+        out.push(block_hash(out.last().copied(), chunk));
+    }
+    out
+}
+
+/// What a registered block holds, checked on every hit so that a hash collision can never hand
+/// out the wrong keys and values.
+#[derive(Debug)]
+struct BlockKey {
+    hash: BlockHash,
+    parent: Option<BlockHash>,
+    tokens: Box<[u32]>,
+}
+
+/// The prefix cache's index over the pool.
+#[derive(Debug, Default)]
+struct PrefixIndex {
+    by_hash: HashMap<BlockHash, u32>,
+    /// Per block: its content when registered.
+    key: Vec<Option<BlockKey>>,
+    /// Registered blocks no table holds, by the tick they were released at (oldest first).
+    idle: BTreeMap<u64, u32>,
+    /// Per idle block: its key in `idle`.
+    idle_tick: Vec<u64>,
+    tick: u64,
+    evictions: u64,
+}
+
+impl PrefixIndex {
+    fn new(num_blocks: usize) -> Self {
+        PrefixIndex { key: (0..num_blocks).map(|_| None).collect(), idle_tick: vec![0; num_blocks], ..Default::default() }
+    }
+
+    /// The registered block with this address, if its content is the one asked for.
+    fn find(&self, hash: BlockHash, parent: Option<BlockHash>, tokens: &[u32]) -> Option<u32> {
+        let &b = self.by_hash.get(&hash)?;
+        let key = self.key[b as usize].as_ref().expect("indexed blocks have keys");
+        (key.parent == parent && *key.tokens == *tokens).then_some(b)
+    }
+}
+
+/// The cached part of a prefix ([`KvCache::cached_prefix`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachedPrefix {
+    /// Leading full blocks found.
+    pub blocks: usize,
+    /// Of those, blocks no sequence holds: taking them lowers [`KvCache::free_blocks`].
+    pub idle: usize,
+}
+
+/// Prefix-cache counters of a [`KvCache`] since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Blocks registered now (held by a sequence or idle).
+    pub cached_blocks: usize,
+    /// Of those, blocks no sequence holds (evictable).
+    pub idle_blocks: usize,
+    /// Idle blocks handed out again for other contents.
+    pub evictions: u64,
 }
 
 /// Not enough free blocks for a [`BlockTable::reserve`]; nothing was changed.
@@ -116,7 +215,51 @@ impl KvCache {
             free: (0..num_blocks as u32).rev().collect(),
             refcount: vec![0; num_blocks],
             pending: Vec::new(),
+            prefix: Some(PrefixIndex::new(num_blocks)),
         })
+    }
+
+    /// Turns prefix caching on (the default) or off. Turning it off forgets every cached
+    /// block (idle ones become free); sequences keep what they hold.
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        match (on, self.prefix.is_some()) {
+            (true, false) => self.prefix = Some(PrefixIndex::new(self.num_blocks)),
+            (false, true) => {
+                let index = self.prefix.take().expect("checked");
+                self.free.extend(index.idle.into_values());
+            }
+            _ => {}
+        }
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// Forgets every cached block (for a cache whose model's weights changed).
+    pub fn clear_prefix_cache(&mut self) {
+        if self.prefix.is_some() {
+            self.set_prefix_caching(false);
+            self.set_prefix_caching(true);
+        }
+    }
+
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix.as_ref().map_or_else(Default::default, |p| PrefixCacheStats { cached_blocks: p.by_hash.len(), idle_blocks: p.idle.len(), evictions: p.evictions })
+    }
+
+    /// The leading blocks of `hashes` (the [`block_hashes`] of `tokens`) the cache holds, at
+    /// most `max_blocks` of them.
+    pub fn cached_prefix(&self, hashes: &[BlockHash], tokens: &[u32], max_blocks: usize) -> CachedPrefix {
+        let Some(index) = &self.prefix else { return CachedPrefix::default() };
+        let bs = self.block_size;
+        let mut hit = CachedPrefix::default();
+        for i in 0..max_blocks.min(hashes.len()) {
+            let Some(b) = index.find(hashes[i], i.checked_sub(1).map(|p| hashes[p]), &tokens[i * bs..(i + 1) * bs]) else { break };
+            hit.blocks += 1;
+            hit.idle += usize::from(self.refcount[b as usize] == 0);
+        }
+        hit
     }
 
     /// Bytes one block takes over all layers, K and V together.
@@ -144,8 +287,9 @@ impl KvCache {
         self.num_blocks
     }
 
+    /// Blocks a reservation can take: free ones and idle cached ones (which are evicted).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.prefix.as_ref().map_or(0, |p| p.idle.len())
     }
 
     pub fn num_layers(&self) -> usize {
@@ -198,14 +342,30 @@ impl KvCache {
         self.refcount[block as usize]
     }
 
+    /// A block for new contents: a free one, else the least recently used idle cached one.
     fn alloc(&mut self) -> u32 {
-        let b = self.free.pop().expect("caller checked the free count");
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let index = self.prefix.as_mut().expect("caller checked the free count");
+                let (_, b) = index.idle.pop_first().expect("caller checked the free count");
+                let key = index.key[b as usize].take().expect("idle blocks are registered");
+                index.by_hash.remove(&key.hash);
+                index.evictions += 1;
+                b
+            }
+        };
         debug_assert_eq!(self.refcount[b as usize], 0);
         self.refcount[b as usize] = 1;
         b
     }
 
     fn incref(&mut self, block: u32) {
+        if self.refcount[block as usize] == 0 {
+            // Only an idle cached block is taken from nobody: it is in use again.
+            let index = self.prefix.as_mut().expect("a block with no owner is handed out only from the prefix cache");
+            index.idle.remove(&index.idle_tick[block as usize]);
+        }
         self.refcount[block as usize] += 1;
     }
 
@@ -217,8 +377,26 @@ impl KvCache {
         );
         *rc -= 1;
         if *rc == 0 {
-            self.free.push(block);
+            match self.prefix.as_mut().filter(|p| p.key[block as usize].is_some()) {
+                Some(index) => {
+                    index.tick += 1;
+                    index.idle_tick[block as usize] = index.tick;
+                    index.idle.insert(index.tick, block);
+                }
+                None => self.free.push(block),
+            }
         }
+    }
+
+    /// Registers the full block `block` as holding `tokens` after `parent`, unless that
+    /// content is cached already (in another block, which then stays the one found).
+    fn register(&mut self, block: u32, hash: BlockHash, parent: Option<BlockHash>, tokens: &[u32]) {
+        let Some(index) = self.prefix.as_mut() else { return };
+        if index.key[block as usize].is_some() || index.by_hash.contains_key(&hash) {
+            return;
+        }
+        index.by_hash.insert(hash, block);
+        index.key[block as usize] = Some(BlockKey { hash, parent, tokens: tokens.into() });
     }
 
     /// Queues "copy block `src` into block `dst`" for the next [`Self::apply_pending_copies`].
@@ -313,6 +491,9 @@ pub(crate) fn row_index(rows: &[u32], width: usize, device: &Device) -> Result<T
 pub struct BlockTable {
     blocks: Vec<u32>,
     len: usize,
+    /// Addresses of the leading full blocks committed so far (see
+    /// [`BlockTable::commit_full_blocks`]); empty while prefix caching is off.
+    hashes: Vec<BlockHash>,
 }
 
 impl BlockTable {
@@ -350,6 +531,56 @@ impl BlockTable {
         BlockTable {
             blocks,
             len: self.len,
+            hashes: self.hashes.clone(),
+        }
+    }
+
+    /// Starts an empty table on the cached blocks of its prefix: takes the leading blocks of
+    /// `hashes` (the [`block_hashes`] of `tokens`) that the cache holds, at most `max_blocks`,
+    /// as if their tokens had been written. The table must not have been written yet (or
+    /// must end on a block boundary with nothing reserved past it). Returns the tokens
+    /// taken.
+    pub fn adopt_cached_prefix(&mut self, cache: &mut KvCache, hashes: &[BlockHash], tokens: &[u32], max_blocks: usize) -> usize {
+        let bs = cache.block_size;
+        let start = self.blocks.len();
+        if cache.prefix.is_none() || self.len != start * bs || self.hashes.len() != start {
+            return 0;
+        }
+        let end = max_blocks.min(hashes.len());
+        let mut taken = 0;
+        for i in start..end {
+            let parent = i.checked_sub(1).map(|p| hashes[p]);
+            let index = cache.prefix.as_ref().expect("checked");
+            let Some(b) = index.find(hashes[i], parent, &tokens[i * bs..(i + 1) * bs]) else { break };
+            cache.incref(b);
+            self.blocks.push(b);
+            self.hashes.push(hashes[i]);
+            self.len += bs;
+            taken += bs;
+        }
+        taken
+    }
+
+    /// Registers the blocks this table has filled since the last call in the prefix cache.
+    /// The sequence's tokens are `head` followed by `tail` (a prompt and its generated tokens),
+    /// at least `len()` of them. Does nothing while prefix caching is off.
+    pub fn commit_full_blocks(&mut self, cache: &mut KvCache, head: &[u32], tail: &[u32]) {
+        if cache.prefix.is_none() {
+            return;
+        }
+        let bs = cache.block_size;
+        let full = self.len / bs;
+        debug_assert!(head.len() + tail.len() >= self.len);
+        let mut buf = Vec::with_capacity(bs);
+        for i in self.hashes.len()..full {
+            let (a, b) = (i * bs, (i + 1) * bs);
+            buf.clear();
+            buf.extend_from_slice(&head[a.min(head.len())..b.min(head.len())]);
+            buf.extend_from_slice(&tail[a.saturating_sub(head.len())..b.saturating_sub(head.len())]);
+            let parent = self.hashes.last().copied();
+            let hash = block_hash(parent, &buf);
+            cache.register(self.blocks[i], hash, parent, &buf);
+            self.hashes.push(hash);
         }
     }
 
@@ -404,12 +635,15 @@ impl BlockTable {
         self.len += n;
     }
 
-    /// Gives back this table's references; blocks whose last owner this was become free.
+    /// Gives back this table's references; blocks whose last owner this was become free, or
+    /// idle when cached. The tail is released first, so among one sequence's idle blocks the
+    /// later ones are evicted first (a prefix is worth more than its continuations).
     pub fn release(&mut self, cache: &mut KvCache) {
-        for b in self.blocks.drain(..) {
+        for b in self.blocks.drain(..).rev() {
             cache.decref(b);
         }
         self.len = 0;
+        self.hashes.clear();
     }
 }
 
@@ -618,5 +852,129 @@ mod tests {
         // What fits still works.
         b.reserve(&mut c, 2).unwrap(); // only the CoW copy
         assert_eq!(c.free_blocks(), 0);
+    }
+
+    /// Fills `t` with `tokens` (K row = the token id) and registers its full blocks.
+    fn fill_tokens(cache: &mut KvCache, t: &mut BlockTable, tokens: &[u32]) {
+        let start = t.len();
+        t.reserve(cache, tokens.len() - start).unwrap();
+        cache.apply_pending_copies().unwrap();
+        for p in start..tokens.len() {
+            write_token(cache, t, p, tokens[p] as f32 - p as f32);
+        }
+        t.advance(tokens.len() - start);
+        t.commit_full_blocks(cache, tokens, &[]);
+    }
+
+    #[test]
+    fn full_blocks_are_found_by_content_and_shared() {
+        let mut c = cache(16);
+        let a_tokens: Vec<u32> = (100..110).collect(); // blocks [100..104) [104..108) + 2 tokens
+        let mut a = BlockTable::new();
+        fill_tokens(&mut c, &mut a, &a_tokens);
+        assert_eq!(c.prefix_cache_stats().cached_blocks, 2, "only full blocks are registered");
+
+        // Same first 6 tokens: one full block in common.
+        let b_tokens: Vec<u32> = [&a_tokens[..6], &[7, 7, 7, 7, 7][..]].concat();
+        let hashes = block_hashes(&b_tokens, 4);
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(c.cached_prefix(&hashes, &b_tokens, 9), CachedPrefix { blocks: 1, idle: 0 });
+        let mut b = BlockTable::new();
+        assert_eq!(b.adopt_cached_prefix(&mut c, &hashes, &b_tokens, 9), 4);
+        assert_eq!((b.len(), b.blocks()), (4, &a.blocks()[..1]));
+        assert_eq!(c.refcount(a.blocks()[0]), 2);
+        // The adopted block reads as b's own tokens; b goes on in a fresh block (no copy).
+        let free = c.free_blocks();
+        fill_tokens(&mut c, &mut b, &b_tokens);
+        assert_eq!(c.pending_copies(), 0);
+        assert_eq!(c.free_blocks(), free - 2);
+        assert_eq!(read_tokens(&c, &b), b_tokens.iter().map(|&t| t as f32).collect::<Vec<_>>());
+        assert_eq!(read_tokens(&c, &a)[..10], a_tokens.iter().map(|&t| t as f32).collect::<Vec<_>>()[..]);
+
+        // A different first token shares nothing, though every later block is equal.
+        let c_tokens: Vec<u32> = [&[1][..], &a_tokens[1..]].concat();
+        assert_eq!(c.cached_prefix(&block_hashes(&c_tokens, 4), &c_tokens, 9).blocks, 0);
+        // The limit holds, and a wrong content under a right address is not taken (the
+        // check that stands between a hash collision and wrong keys and values).
+        assert_eq!(c.cached_prefix(&block_hashes(&a_tokens, 4), &a_tokens, 1).blocks, 1);
+        let wrong: Vec<u32> = (0..10).collect();
+        assert_eq!(c.cached_prefix(&block_hashes(&a_tokens, 4), &wrong, 9).blocks, 0);
+        let mut d = BlockTable::new();
+        assert_eq!(d.adopt_cached_prefix(&mut c, &block_hashes(&a_tokens, 4), &wrong, 9), 0);
+        assert!(d.blocks().is_empty());
+
+        a.release(&mut c);
+        b.release(&mut c);
+        assert_eq!(c.free_blocks(), 16);
+        assert!((0..16).all(|i| c.refcount(i) == 0));
+    }
+
+    #[test]
+    fn released_blocks_stay_cached_until_space_is_needed_oldest_first() {
+        let mut c = cache(6);
+        let old: Vec<u32> = (0..8).collect(); // 2 full blocks
+        let new: Vec<u32> = (50..58).collect();
+        for tokens in [&old, &new] {
+            let mut t = BlockTable::new();
+            fill_tokens(&mut c, &mut t, tokens);
+            t.release(&mut c);
+        }
+        let stats = c.prefix_cache_stats();
+        assert_eq!((stats.cached_blocks, stats.idle_blocks, stats.evictions), (4, 4, 0));
+        assert_eq!(c.free_blocks(), 6, "idle cached blocks count as free");
+        // Taking one idle block back lowers the free count by one.
+        let mut t = BlockTable::new();
+        assert_eq!(c.cached_prefix(&block_hashes(&new, 4), &new, 1), CachedPrefix { blocks: 1, idle: 1 });
+        assert_eq!(t.adopt_cached_prefix(&mut c, &block_hashes(&new, 4), &new, 1), 4);
+        assert_eq!((c.free_blocks(), c.prefix_cache_stats().idle_blocks), (5, 3));
+        t.release(&mut c);
+        // Three fresh blocks: two truly free, then one eviction, of the least recently used
+        // block: the tail of the older sequence (a prefix outlives its continuation).
+        let mut f = BlockTable::new();
+        f.reserve(&mut c, 12).unwrap();
+        assert_eq!(c.prefix_cache_stats().evictions, 1);
+        assert_eq!(c.cached_prefix(&block_hashes(&old, 4), &old, 2).blocks, 1, "the head of `old` is still cached");
+        assert_eq!(c.cached_prefix(&block_hashes(&new, 4), &new, 2).blocks, 2);
+        f.advance(12);
+        f.reserve(&mut c, 4).unwrap();
+        assert_eq!(c.prefix_cache_stats().evictions, 2);
+        assert_eq!(c.cached_prefix(&block_hashes(&old, 4), &old, 2).blocks, 0);
+        assert_eq!(c.cached_prefix(&block_hashes(&new, 4), &new, 2).blocks, 2);
+        f.advance(4);
+        assert_eq!(f.reserve(&mut c, 16), Err(OutOfBlocks { needed: 4, free: 2 }));
+        f.release(&mut c);
+        assert_eq!(c.free_blocks(), 6);
+    }
+
+    #[test]
+    fn forks_carry_the_addresses_and_off_means_nothing_is_cached() {
+        let mut c = cache(8);
+        let tokens: Vec<u32> = (0..6).collect();
+        let mut a = BlockTable::new();
+        fill_tokens(&mut c, &mut a, &tokens);
+        let mut b = a.fork(&mut c);
+        // b's continuation fills block 1 in its own copy and registers it under b's content.
+        let b_tokens: Vec<u32> = [&tokens[..], &[9, 9]].concat();
+        fill_tokens(&mut c, &mut b, &b_tokens);
+        assert_eq!(c.prefix_cache_stats().cached_blocks, 2);
+        assert_eq!(c.cached_prefix(&block_hashes(&b_tokens, 4), &b_tokens, 2).blocks, 2);
+        a.release(&mut c);
+        b.release(&mut c);
+
+        c.set_prefix_caching(false);
+        assert!(!c.prefix_caching());
+        assert_eq!((c.free_blocks(), c.prefix_cache_stats()), (8, PrefixCacheStats::default()));
+        let mut d = BlockTable::new();
+        fill_tokens(&mut c, &mut d, &b_tokens);
+        assert_eq!(d.adopt_cached_prefix(&mut c, &block_hashes(&b_tokens, 4), &b_tokens, 2), 0);
+        d.release(&mut c);
+        assert_eq!(c.prefix_cache_stats(), PrefixCacheStats::default());
+        c.set_prefix_caching(true);
+        let mut e = BlockTable::new();
+        fill_tokens(&mut c, &mut e, &b_tokens);
+        e.release(&mut c);
+        assert_eq!(c.prefix_cache_stats().idle_blocks, 2);
+        c.clear_prefix_cache();
+        assert_eq!((c.free_blocks(), c.prefix_cache_stats().cached_blocks), (8, 0));
     }
 }

@@ -7,16 +7,22 @@
 //! is forked k times. When the cache runs out, the youngest sequence is set aside and later
 //! recomputed, so memory pressure admits fewer, never crashes.
 //!
+//! With prefix caching on (the [`KvCache`] default) every prompt, and every set-aside
+//! sequence being recomputed, starts from the cached blocks of its prefix and prefills only
+//! the rest; the blocks it fills are registered for the prompts after it. A prompt whose next
+//! blocks another prompt is writing in the same step waits one step and takes them from the
+//! cache instead of computing them twice.
+//!
 //! The scheduler knows nothing about tokenizers: stop strings are the caller's closure.
 //! A sample may decode under a grammar ([`SampleSpec::grammar`]): its row is masked and
 //! sampled on the host ([`super::constraint`]), and it ends when the grammar is complete.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use anyhow::{bail, Result};
 
 use super::batch::{BatchInput, SeqInput};
-use super::kv_cache::{BlockTable, KvCache};
+use super::kv_cache::{block_hashes, BlockHash, BlockTable, KvCache};
 use super::models::CausalLM;
 use super::constraint::{Grammar, Guide};
 use crate::engine::sampler::device::sample_logits;
@@ -100,8 +106,13 @@ pub struct SchedulerConfig {
 /// What one step did, for progress bars and benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
+    /// Prompt tokens computed (prefilled) in this step.
     pub prefill_tokens: usize,
+    /// Prompt tokens taken from the prefix cache instead of being computed, in this step.
+    pub cached_prefill_tokens: usize,
     pub decode_tokens: usize,
+    /// Sequences set aside in this step for lack of cache blocks (recomputed later).
+    pub set_aside: usize,
     pub running: usize,
     pub waiting: usize,
     pub finished: usize,
@@ -120,9 +131,50 @@ struct Seq {
 /// Prompt tokens still to be written to the cache.
 struct Prefill {
     tokens: Vec<u32>,
+    /// Tokens in the cache: computed, or taken from the prefix cache.
     done: usize,
     table: BlockTable,
     kind: PrefillKind,
+    /// Addresses of the full blocks of `tokens` (empty with prefix caching off).
+    hashes: Vec<BlockHash>,
+}
+
+impl Prefill {
+    /// A prefill of `tokens` that starts from their cached prefix (and the tokens it took),
+    /// if the blocks it needs are among the `free` ones: the rest of the prompt's, one for
+    /// each of the `samples` sequences it becomes to decode into, and the idle cached ones it
+    /// takes. Otherwise `kind` comes back with the number of blocks it needs.
+    fn admit(cache: &mut KvCache, tokens: Vec<u32>, kind: PrefillKind, samples: usize, free: usize) -> std::result::Result<(Prefill, usize), (PrefillKind, usize)> {
+        let bs = cache.block_size();
+        let hashes = if cache.prefix_caching() { block_hashes(&tokens, bs) } else { Vec::new() };
+        let cap = reusable_blocks(tokens.len(), bs);
+        let hit = cache.cached_prefix(&hashes, &tokens, cap);
+        let need = (tokens.len() - hit.blocks * bs).div_ceil(bs) + samples + hit.idle;
+        if need > free {
+            return Err((kind, need));
+        }
+        let mut table = BlockTable::new();
+        let done = table.adopt_cached_prefix(cache, &hashes, &tokens, cap);
+        Ok((Prefill { tokens, done, table, kind, hashes }, done))
+    }
+
+    /// Takes blocks registered since this prefill last looked (by prompts prefilled in the
+    /// steps before), when it stands on a block boundary. Returns the tokens taken.
+    fn adopt_more(&mut self, cache: &mut KvCache) -> usize {
+        let bs = cache.block_size();
+        if self.hashes.is_empty() || self.done % bs != 0 || self.table.blocks().len() * bs != self.done {
+            return 0;
+        }
+        let taken = self.table.adopt_cached_prefix(cache, &self.hashes, &self.tokens, reusable_blocks(self.tokens.len(), bs));
+        self.done += taken;
+        taken
+    }
+}
+
+/// Most leading blocks of a prefill of `len` tokens taken from the prefix cache: its last
+/// token is always computed (its logits are what the samples draw from).
+fn reusable_blocks(len: usize, block_size: usize) -> usize {
+    len.saturating_sub(1) / block_size
 }
 
 enum PrefillKind {
@@ -209,44 +261,61 @@ pub fn run_fed(
         let pending_blocks = |prefilling: &Vec<Prefill>| -> usize {
             prefilling.iter().map(|p| (p.tokens.len() - p.done).div_ceil(bs) + 1).sum()
         };
+        let mut cached_tokens = 0;
         loop {
             let free = cache.free_blocks().saturating_sub(pending_blocks(&prefilling));
-            if let Some(seq) = resumes.front() {
-                let n = seq.prompt.len() + seq.generated.len() - 1;
-                if committed(&running, &prefilling) < cfg.max_batch && n.div_ceil(bs) + 1 <= free {
-                    let seq = resumes.pop_front().unwrap();
-                    let mut tokens = seq.prompt.as_ref().clone();
-                    tokens.extend_from_slice(&seq.generated[..seq.generated.len() - 1]);
-                    prefilling.push(Prefill { tokens, done: 0, table: BlockTable::new(), kind: PrefillKind::Resume(seq) });
-                    continue;
+            if let Some(seq) = resumes.pop_front() {
+                if committed(&running, &prefilling) >= cfg.max_batch {
+                    resumes.push_front(seq);
+                    break;
                 }
+                let mut tokens = seq.prompt.as_ref().clone();
+                tokens.extend_from_slice(&seq.generated[..seq.generated.len() - 1]);
+                match Prefill::admit(cache, tokens, PrefillKind::Resume(seq), 1, free) {
+                    Ok((p, taken)) => {
+                        cached_tokens += taken;
+                        prefilling.push(p);
+                        continue;
+                    }
+                    Err((PrefillKind::Resume(seq), _)) => {
+                        resumes.push_front(seq);
+                        break;
+                    }
+                    Err(_) => unreachable!("admit hands back the kind it was given"),
+                }
+            }
+            let Some(g) = waiting.pop_front() else { break };
+            let n_samples = g.samples.len();
+            if committed(&running, &prefilling) + n_samples > cfg.max_batch {
+                waiting.push_front(g);
                 break;
             }
-            let Some(g) = waiting.front() else { break };
-            let need = g.prompt.len().div_ceil(bs) + g.samples.len();
-            if committed(&running, &prefilling) + g.samples.len() > cfg.max_batch || need > free {
-                if running.is_empty() && prefilling.is_empty() && need > cache.free_blocks() {
-                    bail!(
-                        "a prompt of {} tokens with {} samples needs {need} KV-cache blocks of {bs} tokens but the cache has {} in all; give the cache more memory (--kv-cache-mb) or use fewer samples",
-                        g.prompt.len(),
-                        g.samples.len(),
-                        cache.num_blocks()
-                    );
-                }
-                break;
-            }
-            let g = waiting.pop_front().unwrap();
             let prompt = std::sync::Arc::new(g.prompt);
-            prefilling.push(Prefill {
-                tokens: prompt.as_ref().clone(),
-                done: 0,
-                table: BlockTable::new(),
-                kind: PrefillKind::Group { prompt, samples: g.samples },
-            });
+            let kind = PrefillKind::Group { prompt: prompt.clone(), samples: g.samples };
+            match Prefill::admit(cache, prompt.as_ref().clone(), kind, n_samples, free) {
+                Ok((p, taken)) => {
+                    cached_tokens += taken;
+                    prefilling.push(p);
+                }
+                Err((PrefillKind::Group { prompt, samples }, need)) => {
+                    if running.is_empty() && prefilling.is_empty() && need > cache.free_blocks() {
+                        bail!(
+                            "a prompt of {} tokens with {} samples needs {need} KV-cache blocks of {bs} tokens but the cache has {} in all; give the cache more memory (--kv-cache-mb) or use fewer samples",
+                            prompt.len(),
+                            samples.len(),
+                            cache.num_blocks()
+                        );
+                    }
+                    waiting.push_front(PromptGroup { prompt: std::sync::Arc::unwrap_or_clone(prompt), samples });
+                    break;
+                }
+                Err(_) => unreachable!("admit hands back the kind it was given"),
+            }
         }
 
         // Decode inputs: every running sequence feeds its last sampled token. Reserve a
         // slot for each; when the cache is full, set the youngest aside for recompute.
+        let mut set_aside = 0;
         let mut i = 0;
         while i < running.len() {
             if running[i].table.reserve(cache, 1).is_ok() {
@@ -259,6 +328,7 @@ pub fn run_fed(
                 bail!("the KV cache cannot hold even one sequence of {} tokens; give it more memory (--kv-cache-mb)", victim.prompt.len() + victim.generated.len());
             }
             resumes.push_front(Box::new(victim));
+            set_aside += 1;
         }
         let mut batch = BatchInput { tokens: Vec::new(), seqs: Vec::new() };
         for s in &running {
@@ -268,11 +338,26 @@ pub fn run_fed(
         // Prefill chunks within the token budget.
         let mut budget = cfg.prefill_chunk;
         let mut chunks: Vec<(usize, usize, bool)> = Vec::new(); // (prefill index, len, completes)
+        // Full blocks this step's chunks write: a prompt that shares them waits for the cache.
+        let mut writing: HashSet<BlockHash> = HashSet::new();
         for (pi, p) in prefilling.iter_mut().enumerate() {
             if budget == 0 {
                 break;
             }
-            let len = (p.tokens.len() - p.done).min(budget);
+            cached_tokens += p.adopt_more(cache);
+            let mut len = (p.tokens.len() - p.done).min(budget);
+            // The full blocks this chunk would fill; one it began in an earlier step is its own.
+            let first = p.done / bs;
+            let mut filled = p.hashes.get(first..((p.done + len) / bs).min(p.hashes.len())).unwrap_or(&[]);
+            let own = usize::from(p.done % bs != 0).min(filled.len());
+            if let Some(j) = filled[own..].iter().position(|h| writing.contains(h)) {
+                filled = &filled[..own + j];
+                len = (first + own + j) * bs - p.done;
+                if len == 0 {
+                    continue;
+                }
+            }
+            writing.extend(filled.iter().copied());
             if p.table.reserve(cache, len).is_err() {
                 break;
             }
@@ -291,13 +376,16 @@ pub fn run_fed(
 
         // Rows: one per running sequence, then one per completed new prompt.
         let n_running = running.len();
-        let mut stats = StepStats { decode_tokens: n_running, ..Default::default() };
+        let mut stats = StepStats { decode_tokens: n_running, cached_prefill_tokens: cached_tokens, set_aside, ..Default::default() };
         for s in running.iter_mut() {
             s.table.advance(1);
+            s.table.commit_full_blocks(cache, &s.prompt, &s.generated);
         }
         for &(pi, len, _) in &chunks {
-            prefilling[pi].done += len;
-            prefilling[pi].table.advance(len);
+            let p = &mut prefilling[pi];
+            p.done += len;
+            p.table.advance(len);
+            p.table.commit_full_blocks(cache, &p.tokens, &[]);
             stats.prefill_tokens += len;
         }
 

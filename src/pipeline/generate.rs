@@ -65,6 +65,8 @@ pub struct GenerateSummary {
     /// Prompt and completion tokens of the samples written by this pass.
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens the local engine computed and took from its prefix cache.
+    pub prefill: backends::PrefillStats,
     pub seconds: f64,
     /// The decoding configurations of the run: ("default", its decoding) outside sweeps.
     pub configs: Vec<(String, Decoding)>,
@@ -120,6 +122,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     let think = backend.think();
     let start = Instant::now();
     let mut decoded_tokens = 0usize;
+    let mut prefill = backends::PrefillStats::default();
     let result = backend.complete(
         work.requests,
         &mut |c| {
@@ -151,12 +154,14 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
         },
         &mut |p| {
             decoded_tokens += p.decoded_tokens;
+            prefill.add(p.prefill);
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!("{:.1} tok/s, {} running", decoded_tokens as f64 / secs, p.running));
         },
     );
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
+    summary.prefill = prefill;
     result.with_context(|| {
         format!("generating through {}: {} samples were written and are kept; run the same command again to resume", backend.location(), summary.written)
     })?;

@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use crate::engine::constraint::{Grammar, GrammarCompiler};
 use crate::engine::kv_cache::KvCache;
 use crate::backends::local::{LocalModel, StopStrings};
+use crate::backends::PrefillStats;
 use crate::engine::load::{self, LoadedModel};
 use crate::engine::scheduler::{self, Finished, Intake, PromptGroup, SampleSpec, SchedulerConfig};
 use crate::engine::sampler::{SamplingParams, StreamKey};
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     pub prefill_chunk: usize,
     pub kv_cache_mb: usize,
     pub block_size: usize,
+    /// Automatic prefix caching (see [`crate::backends::local::LocalOptions::prefix_cache`]).
+    pub prefix_cache: bool,
     /// Most samples queued or decoding at once; more get 429.
     pub max_queue: usize,
     /// Most samples per request (`n`).
@@ -72,6 +75,7 @@ impl Default for ServeOptions {
             prefill_chunk: 512,
             kv_cache_mb: 1024,
             block_size: 16,
+            prefix_cache: true,
             max_queue: 256,
             max_n: 16,
             max_tokens: 4096,
@@ -92,7 +96,12 @@ pub struct ServeStats {
     /// ratio is the mean decode batch, the proof that concurrent requests share steps.
     pub decode_steps: AtomicUsize,
     pub decode_tokens: AtomicUsize,
+    /// Tokens prefilled (prompts, and sequences set aside and recomputed), and prompt tokens
+    /// taken from the prefix cache instead of being prefilled.
     pub prefill_tokens: AtomicUsize,
+    pub cached_prefill_tokens: AtomicUsize,
+    /// Whether the prefix cache is on (`--no-prefix-cache` turns it off).
+    pub prefix_cache: std::sync::atomic::AtomicBool,
     open_connections: AtomicUsize,
 }
 
@@ -107,6 +116,9 @@ impl ServeStats {
             "decode_steps": l(&self.decode_steps),
             "decode_tokens": l(&self.decode_tokens),
             "prefill_tokens": l(&self.prefill_tokens),
+            "cached_prefill_tokens": l(&self.cached_prefill_tokens),
+            "prefix_cache": self.prefix_cache.load(Ordering::Relaxed),
+            "prefix_cache_hit_rate": PrefillStats { computed: l(&self.prefill_tokens), cached: l(&self.cached_prefill_tokens) }.hit_rate(),
         })
     }
 }
@@ -166,7 +178,8 @@ impl Server {
         let local = LocalModel::load(&opts.model, &device, dtype)?;
         let prompter = Prompter::new(&local.prompt_format(), &Default::default())?;
         let block_size = opts.block_size.max(1);
-        let cache = local.kv_cache(block_size, opts.kv_cache_mb, &device, dtype)?;
+        let mut cache = local.kv_cache(block_size, opts.kv_cache_mb, &device, dtype)?;
+        cache.set_prefix_caching(opts.prefix_cache);
         let blocks = cache.num_blocks();
         let m = local.loaded;
         let mut names = vec![opts.served_model_name.clone().unwrap_or_else(|| m.description.id.clone())];
@@ -180,6 +193,7 @@ impl Server {
         let addr = http.server_addr().to_ip().ok_or_else(|| anyhow!("{bind} is not an IP address"))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(ServeStats::default());
+        stats.prefix_cache.store(opts.prefix_cache, Ordering::Relaxed);
         let front = Arc::new(Frontend {
             names,
             tokenizer: m.tokenizer.clone(),
@@ -325,6 +339,7 @@ fn engine_loop(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx: m
             stats.decode_tokens.fetch_add(s.decode_tokens, Ordering::Relaxed);
         }
         stats.prefill_tokens.fetch_add(s.prefill_tokens, Ordering::Relaxed);
+        stats.cached_prefill_tokens.fetch_add(s.cached_prefill_tokens, Ordering::Relaxed);
     };
     scheduler::run_fed(m.model.as_ref(), &mut cache, &sched, &mut feed, &mut stop, &mut on_done, &mut on_step)
 }

@@ -94,6 +94,9 @@ pub struct BenchEngineArgs {
     /// Also write the synthetic runs' results to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Compute every prompt in full (no automatic prefix caching), to compare.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,10 +186,10 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
     for &b in &a.batch_sizes {
         let n_prompts = (b / samples as usize).max(1);
         let prompts: Vec<Vec<u32>> = (0..n_prompts).map(|i| (0..a.prompt_len).map(|j| ((i * 7919 + j * 104_729) as u32 % (vocab - 1)) + 1).collect()).collect();
-        let r = measure::engine(m, &format!("batch {b}"), &prompts, samples, a.new_tokens, b, synthetic_params)?;
+        let r = measure::engine(m, &format!("batch {b}"), &prompts, samples, a.new_tokens, b, synthetic_params, !a.no_prefix_cache)?;
         println!("{r}");
         results.push(serde_json::json!({
-            "batch": b, "sequences": r.sequences, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
+            "batch": b, "sequences": r.sequences, "prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens, "new_tokens": r.new_tokens,
             "prefill_s": r.prefill_s, "total_s": r.total_s, "prefill_tok_s": r.prefill_tok_s(), "decode_tok_s": r.decode_tok_s(),
             "prompts": prompts,
         }));
@@ -203,7 +206,7 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         let what = format!("BSA-like job: {} queries x {} samples, batch {}", prompts.len(), a.job_samples, a.job_batch);
         // The job samples as the model's preset says (the k samples of a query must differ).
         let params = local.preset.as_ref().map_or(SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 }, |p| p.sampling.params());
-        let r = measure::engine(m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params)?;
+        let r = measure::engine(m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params, !a.no_prefix_cache)?;
         println!("{r}");
     }
     Ok(())

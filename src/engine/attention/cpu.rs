@@ -290,12 +290,14 @@ fn attend_tile(
         let sc = &mut scores[..n_seen(m)];
         loops.scores(&qs, k_pool, rows, sc);
         // Softmax numerators, subtracting the max; the normalisation is applied to the output.
+        // The sum is a loop of its own: beside the `exp` call it lived on the stack, and the
+        // chain of f64 adds through memory took a tenth of a long prefill (the same adds in
+        // the same order, so the same bits).
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
         for x in sc.iter_mut() {
             *x = (*x - max).exp();
-            sum += *x as f64;
         }
+        let sum = sc.iter().fold(0f64, |acc, &x| acc + x as f64);
         let inv = (1.0 / sum) as f32;
         loops.weighted_sum(sc, v_pool, rows, o);
         for x in o.iter_mut() {

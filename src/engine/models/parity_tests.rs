@@ -17,7 +17,7 @@ use candle_transformers::models::{llama, quantized_llama, qwen2, qwen3};
 use super::{load_gguf, load_safetensors, CausalLM};
 use crate::engine::batch::{BatchInput, SeqInput};
 use crate::engine::config::{Architecture, ModelConfig, RopeScaling};
-use crate::engine::kv_cache::{BlockTable, KvCache};
+use crate::engine::kv_cache::{block_hashes, BlockTable, KvCache};
 
 const TOL_F32: f32 = 1e-4;
 /// Both sides use the same Q8_0 weights, but the quantized kernels also quantize activations
@@ -334,6 +334,67 @@ fn batched_parity(name: &'static str, json: &str, seed: u64) {
         t.release(&mut cache);
     }
     assert_eq!(cache.free_blocks(), cache.num_blocks());
+}
+
+/// Prefix caching: a prompt that starts from cached blocks gets the logits of the same prompt
+/// computed from scratch, for shared prefixes of every length across three block boundaries
+/// (block size 4), at the end of its prefill and in the decode steps after it. The cached
+/// blocks were written by other prompts, in forwards of other lengths, and released (idle)
+/// before they are taken. `tol`: None demands equal bits; candle's dense f32 matmul rounds a
+/// row differently with the number of rows beside it, so a dense model gets a tolerance.
+fn prefix_cache_parity(name: &'static str, model: &dyn CausalLM, tol: Option<f32>) {
+    let cfg = model.config().clone();
+    let mut rng = Rng(0x5EED);
+    let base = rng.tokens(14, cfg.vocab_size);
+    let mut cached = KvCache::new(&cfg, 4, 64, DType::F32, &Device::Cpu).unwrap();
+    let mut plain = KvCache::new(&cfg, 4, 64, DType::F32, &Device::Cpu).unwrap();
+    plain.set_prefix_caching(false);
+    let mut check = Check::new(name, tol.unwrap_or(f32::INFINITY));
+    let mut reused = 0;
+    for shared in 1..=13 {
+        let a = [&base[..shared], &rng.tokens(3, cfg.vocab_size)[..]].concat();
+        let mut ta = new_tables(1);
+        step(model, &mut cached, &mut ta, &[(0, a.clone())]);
+        ta[0].commit_full_blocks(&mut cached, &a, &[]);
+        ta[0].release(&mut cached);
+
+        let b = [&base[..shared], &rng.tokens(5, cfg.vocab_size)[..]].concat();
+        let mut tb = new_tables(1);
+        let taken = tb[0].adopt_cached_prefix(&mut cached, &block_hashes(&b, 4), &b, (b.len() - 1) / 4);
+        assert_eq!(taken, shared / 4 * 4, "{name}: shared prefix of {shared}: every full block of it is cached");
+        reused += taken;
+        let mut tp = new_tables(1);
+        let mut rows = (step(model, &mut cached, &mut tb, &[(0, b[taken..].to_vec())]), step(model, &mut plain, &mut tp, &[(0, b.clone())]));
+        for decode in 0..4 {
+            let what = format!("shared prefix of {shared}, decode step {decode}");
+            match tol {
+                None => assert!(rows.0 == rows.1, "{name}: {what}: logits differ"),
+                Some(_) => check.row(&what, &rows.0[0], &rows.1[0]),
+            }
+            let next = rng.tokens(1, cfg.vocab_size);
+            rows = (step(model, &mut cached, &mut tb, &[(0, next.clone())]), step(model, &mut plain, &mut tp, &[(0, next)]));
+        }
+        tb[0].release(&mut cached);
+        tp[0].release(&mut plain);
+    }
+    assert_eq!(reused, 4 * 4 + 8 * 4 + 12 * 2);
+    assert_eq!((cached.free_blocks(), plain.free_blocks()), (64, 64));
+}
+
+#[test]
+fn cached_prefix_logits_match_computed_ones() {
+    let cfg = ModelConfig::from_hf_config(&llama_json(false, false)).unwrap();
+    let varmap = random_weights(&cfg, 3);
+    let ours = load_safetensors(&cfg, strict_vb(&varmap)).unwrap();
+    prefix_cache_parity("prefix-cache-dense", ours.as_ref(), Some(TOL_F32));
+}
+
+/// On the real GGUF (our quantized kernels compute every row alone) a cached prefix gives
+/// exactly the logits a computed one does.
+#[test]
+fn real_gguf_cached_prefix_logits_are_identical() {
+    let Some(bytes) = real_gguf_bytes() else { return };
+    prefix_cache_parity("prefix-cache-gguf", load_ours_gguf(&bytes).as_ref(), None);
 }
 
 #[test]
@@ -926,6 +987,20 @@ fn dense_copy(bytes: &[u8]) -> Vec<u8> {
     buf.into_inner()
 }
 
+/// The real SmolLM2 GGUF (scripts/fetch-smollm2.sh; BSA_SMOLLM2_GGUF names another path), or
+/// None with a loud note (BSA_REQUIRE_MODEL=1 fails instead).
+fn real_gguf_bytes() -> Option<Vec<u8>> {
+    let path = std::env::var_os("BSA_SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::backends::local::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if !path.exists() {
+        assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set", path.display());
+        eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", path.display());
+        return None;
+    }
+    Some(std::fs::read(&path).unwrap())
+}
+
 /// Greedy decoding of the real SmolLM2 GGUF, batched on ours vs one sequence at a time on
 /// quantized_llama (the model comes from scripts/fetch-smollm2.sh; BSA_SMOLLM2_GGUF names
 /// another path), both measured against the dense model the quantized weights stand for (our
@@ -934,15 +1009,7 @@ fn dense_copy(bytes: &[u8]) -> Vec<u8> {
 /// logits must agree at the f32 tolerance.
 #[test]
 fn real_gguf_greedy_matches_quantized_llama() {
-    let path = std::env::var_os("BSA_SMOLLM2_GGUF")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::backends::local::model_cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if !path.exists() {
-        assert!(std::env::var("BSA_REQUIRE_MODEL").is_err(), "SmolLM2 GGUF absent at {} and BSA_REQUIRE_MODEL is set", path.display());
-        eprintln!("\n*** SKIPPED: SmolLM2 GGUF absent at {} (run scripts/fetch-smollm2.sh) ***\n", path.display());
-        return;
-    }
-    let bytes = std::fs::read(&path).unwrap();
+    let Some(bytes) = real_gguf_bytes() else { return };
     let ours = load_ours_gguf(&bytes);
     let qref = load_quantized_llama(&bytes);
     let truth = load_ours_gguf(&dense_copy(&bytes));

@@ -114,6 +114,8 @@ pub struct JudgeSummary {
     /// Of those, labels whose request the judge server refused (counted in `invalid_labels`).
     pub refused: usize,
     pub judge_calls: usize,
+    /// Prompt tokens a local judge computed and took from its prefix cache.
+    pub prefill: backends::PrefillStats,
     pub seconds: f64,
 }
 
@@ -324,6 +326,18 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         }
     }
 
+    // One item's samples go together: their prompts share the rubric's opening, the query and
+    // the risk summary, which a local judge's prefix cache then computes once. A sample's two
+    // requests stay next to each other, so its verdict is written as early as before (a
+    // killed judge loses little); the rubric openings stay cached either way. Replies are
+    // greedy, so the order changes no label.
+    let mut rank: HashMap<&str, usize> = HashMap::new();
+    for s in &todo {
+        let next = rank.len();
+        rank.entry(s.item_id.as_str()).or_insert(next);
+    }
+    requests.sort_by_key(|r| (rank[todo[r.sample].item_id.as_str()], r.sample));
+
     // Samples judged, the time left, and judge calls answered per second.
     let bar = progress_bar_with_eta(opts.progress, todo.len() as u64, "judged");
     let mut answered = 0usize;
@@ -401,7 +415,9 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
             }
             Ok(())
         };
-        backend.complete(batch, &mut on_reply, &mut |_| {})?;
+        let mut prefill = backends::PrefillStats::default();
+        backend.complete(batch, &mut on_reply, &mut |p| prefill.add(p.prefill))?;
+        summary.prefill.add(prefill);
         if let Some(tag) = slots.iter().position(Option::is_some) {
             bail!("the judge backend returned no reply for judge request {tag}");
         }
