@@ -346,3 +346,29 @@ fn merge_combines_shards_and_refuses_overlap() {
     assert!(e.contains("twice"), "{e}");
     assert!(!out2.exists());
 }
+
+/// A reader that goes away (`bsa models | head -1`) is not an error: the command exits 0
+/// without a panic. A standard output that cannot be written (a full disk) stops the command
+/// with a message, not a panic.
+#[test]
+fn results_to_a_closed_pipe_or_a_full_disk() {
+    use std::process::{Command, Stdio};
+    for args in [&["models"][..], &["data", "stats", "data/sample.csv"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bsa"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command gets to write (it takes milliseconds to start).
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && !stderr.contains("panicked"), "{args:?}: {:?} {stderr}", o.status);
+    }
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else { return };
+    let o = Command::new(env!("CARGO_BIN_EXE_bsa")).arg("models").current_dir(env!("CARGO_MANIFEST_DIR")).stdout(full).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && stderr.contains("cannot write to standard output") && !stderr.contains("panicked"), "{stderr}");
+}

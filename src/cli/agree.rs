@@ -48,12 +48,12 @@ pub(super) fn run(a: AgreeArgs) -> Result<()> {
         bsa::analysis::agree::write_sheet(p, &ag.sheet)?;
     }
     if a.output.json {
-        println!("{}", serde_json::to_string_pretty(&ag)?);
+        outln!("{}", serde_json::to_string_pretty(&ag)?);
     } else {
-        print!("{}", ag.table());
+        out!("{}", ag.table());
         match &a.sheet {
-            Some(p) => println!("  sheet for human review: {}", p.display()),
-            None if ag.disagreements > 0 => println!("  (write them for review with --sheet FILE.csv)"),
+            Some(p) => outln!("  sheet for human review: {}", p.display()),
+            None if ag.disagreements > 0 => outln!("  (write them for review with --sheet FILE.csv)"),
             None => {}
         }
     }

@@ -31,9 +31,9 @@ pub(super) fn run(a: CompareArgs) -> Result<()> {
     let opts = bsa::analysis::compare::CompareOptions { score: a.opts.options(), config_a: a.config_a, config_b: a.config_b, progress: a.output.progress() };
     let c = bsa::analysis::compare::compare(&ra, &rb, &opts)?;
     if a.output.json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
+        outln!("{}", serde_json::to_string_pretty(&c)?);
     } else {
-        print!("{}", c.table());
+        out!("{}", c.table());
     }
     Ok(())
 }

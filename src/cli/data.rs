@@ -29,10 +29,10 @@ fn data_stats(a: StatsArgs) -> Result<()> {
     let items = ds.select(&a.select.to_selection()?)?;
     let st = DataStats::of(&items);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"source": ds.source, "sha256": ds.sha256, "stats": st}))?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({"source": ds.source, "sha256": ds.sha256, "stats": st}))?);
     } else {
-        print!("{}", report::stats_table(&ds.source, &st));
-        println!("\n  sha256 {}", ds.sha256);
+        out!("{}", report::stats_table(&ds.source, &st));
+        outln!("\n  sha256 {}", ds.sha256);
     }
     Ok(())
 }

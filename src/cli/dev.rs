@@ -41,7 +41,7 @@ fn dev_logits(a: DevLogitsArgs) -> Result<()> {
     let device = load::device(&a.device)?;
     let dtype = load::dtype(&a.dtype, &device)?;
     let (rows, vocab) = gpu_check::dump_logits(&a.model, &device, dtype, &seqs, a.prefill, &a.out)?;
-    println!("{}", serde_json::json!({"rows": rows, "vocab": vocab, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "out": a.out}));
+    outln!("{}", serde_json::json!({"rows": rows, "vocab": vocab, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"), "out": a.out}));
     Ok(())
 }
 

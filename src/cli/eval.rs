@@ -35,8 +35,8 @@ pub(super) fn run(a: EvalArgs) -> Result<()> {
     let cards = score_run(&dir, &score_opts)?;
     store::write_json_atomic(&run.join(store::SCORES), &cards)?;
     for (name, sc) in &cards {
-        println!("\n{}", report::scorecard_table(name, sc));
+        outln!("\n{}", report::scorecard_table(name, sc));
     }
-    println!("run directory: {} (manifest.json, samples.jsonl, verdicts.jsonl, scores.json)", run.display());
+    outln!("run directory: {} (manifest.json, samples.jsonl, verdicts.jsonl, scores.json)", run.display());
     Ok(())
 }

@@ -63,9 +63,9 @@ pub(super) fn generate(a: GenerateArgs) -> Result<PathBuf> {
     let opts = generate_options(a)?;
     let s = generation::generate(&opts)?;
     if s.written == 0 {
-        println!("{}: all {} samples were already there; nothing to do", s.run.display(), s.skipped);
+        outln!("{}: all {} samples were already there; nothing to do", s.run.display(), s.skipped);
     } else {
-        println!(
+        outln!(
             "{}: wrote {} samples ({} already there) in {:.1} s: {} completion tokens, {:.1} tok/s",
             s.run.display(),
             s.written,
@@ -75,7 +75,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<PathBuf> {
             s.completion_tokens as f64 / s.seconds.max(1e-9)
         );
         if let Some(prefill) = s.prefill.describe() {
-            println!("  {prefill}");
+            outln!("  {prefill}");
         }
     }
     Ok(s.run)

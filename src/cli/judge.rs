@@ -47,9 +47,9 @@ pub(super) fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, b
 
 pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
     if s.written == 0 {
-        println!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
+        outln!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
     } else {
-        println!(
+        outln!(
             "{}: judged {} samples ({} already judged) with {} judge calls in {:.1} s; {} label(s) unreadable after retries{}",
             run.display(),
             s.written,
@@ -60,7 +60,7 @@ pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
             if s.refused > 0 { format!(" ({} refused by the judge server; their verdicts keep its message)", s.refused) } else { String::new() }
         );
         if let Some(prefill) = s.prefill.describe() {
-            println!("  judge {prefill}");
+            outln!("  judge {prefill}");
         }
     }
 }

@@ -18,7 +18,7 @@ pub struct MergeArgs {
 
 pub(super) fn run(a: MergeArgs) -> Result<()> {
     let s = store::merge(&a.out, &a.runs)?;
-    println!("merged {} runs into {}: {} samples, {} verdicts", a.runs.len(), a.out.display(), s.samples, s.verdicts);
+    outln!("merged {} runs into {}: {} samples, {} verdicts", a.runs.len(), a.out.display(), s.samples, s.verdicts);
     if !s.missing_shards.is_empty() {
         eprintln!("warning: shard(s) {} are missing: the merged run is partial", s.missing_shards.join(", "));
     }

@@ -2,6 +2,17 @@
 //! that calls the library and prints. Flag groups several commands share are in [`args`].
 //! This module belongs to the binary, not the library.
 
+/// `print!` for a command's results, written with [`write_stdout`].
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_stdout(format_args!($($t)*)) };
+}
+
+/// `println!` for a command's results, written with [`write_stdout`].
+macro_rules! outln {
+    () => { $crate::cli::write_stdout(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cli::write_stdout(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 mod agree;
 mod args;
 mod bench;
@@ -22,6 +33,22 @@ mod sweep;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// Writes to standard output. A reader that went away (`bsa models | head -1`) ends nothing:
+/// the command finishes its work, whose files are what matter, and exits as it would have.
+/// Any other failure to write (a full disk under `> file`) stops the process with a message
+/// instead of a panic; what the command wrote to its own files stays.
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: cannot write to standard output: {e}; what the command wrote to its files is kept");
+            std::process::exit(1);
+        }
+        _ => {}
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(

@@ -15,7 +15,7 @@ pub struct ModelsArgs {
 pub(super) fn run(a: ModelsArgs) -> Result<()> {
     let ps = bsa::backends::preset::all();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&ps)?);
+        outln!("{}", serde_json::to_string_pretty(&ps)?);
         return Ok(());
     }
     let mut t = TextTable::new(["preset", "hub id", "arch", "T", "top-p", "top-k", "max", "think"], 3).left(7);
@@ -24,6 +24,6 @@ pub(super) fn run(a: ModelsArgs) -> Result<()> {
         let think = if !p.reasoning { "none".to_string() } else if p.think.prefilled { format!("{} pre-filled", p.think.open) } else { p.think.open.clone() };
         t.row([p.name, p.hub_id, p.architecture, s.temperature.to_string(), s.top_p.to_string(), s.top_k.to_string(), s.max_new_tokens.to_string(), think]);
     }
-    print!("{}", t.render(0));
+    out!("{}", t.render(0));
     Ok(())
 }

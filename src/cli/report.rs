@@ -37,7 +37,7 @@ pub(super) fn run(a: ReportArgs) -> Result<()> {
     let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet };
     let rep = report::document::build(&runs, &opts)?;
     let w = report::document::write(&rep, &out)?;
-    print!("{}", report::document::summary_table(&rep));
-    println!("wrote {} and {} ({} plots in {})", w.markdown.display(), w.html.display(), w.plots.len(), out.join("plots").display());
+    out!("{}", report::document::summary_table(&rep));
+    outln!("wrote {} and {} ({} plots in {})", w.markdown.display(), w.html.display(), w.plots.len(), out.join("plots").display());
     Ok(())
 }

@@ -69,10 +69,10 @@ pub(super) fn run(a: ScoreArgs) -> Result<()> {
         cards
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&cards)?);
+        outln!("{}", serde_json::to_string_pretty(&cards)?);
     } else {
         for (name, sc) in &cards {
-            println!("{}", report::scorecard_table(name, sc));
+            outln!("{}", report::scorecard_table(name, sc));
         }
     }
     Ok(())

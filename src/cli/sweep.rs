@@ -53,7 +53,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
     };
     let o = bsa::pipeline::sweep::sweep(&opts)?;
     let (gs, run) = (&o.generated, &o.run);
-    println!(
+    outln!(
         "{}: {} configurations; wrote {} samples ({} already there) in {:.1} s",
         run.display(),
         gs.configs.len(),
@@ -66,12 +66,12 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
     let label = run_label(&RunDir::read(run)?);
     let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();
     store::write_json_atomic(&run.join(store::SCORES), &cards)?;
-    println!("\n{}", bsa::analysis::sweep::table(&o.results));
+    outln!("\n{}", bsa::analysis::sweep::table(&o.results));
     // The heatmaps: the same report `bsa report RUN` writes, into the run directory.
     let judged = JudgedRun::load(run)?;
     let rep = report::document::build(std::slice::from_ref(&judged), &report::document::ReportOptions { score: opts.score.clone(), progress: !quiet })?;
     let w = report::document::write(&rep, run)?;
-    println!(
+    outln!(
         "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); heatmaps in {} and {}",
         run.display(),
         bsa::analysis::sweep::SWEEP_JSON,

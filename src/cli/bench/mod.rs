@@ -142,7 +142,7 @@ pub struct BenchScoreArgs {
 
 fn bench_score(a: BenchScoreArgs) -> Result<()> {
     let r = measure::score(a.items, a.samples, a.resamples, a.repeat)?;
-    println!("{r}{}", debug_note());
+    outln!("{r}{}", debug_note());
     Ok(())
 }
 
@@ -156,11 +156,11 @@ fn bench_sampler(a: BenchSamplerArgs) -> Result<()> {
         if let Some(p) = &a.json {
             std::fs::write(p, &text).with_context(|| format!("cannot write {}", p.display()))?;
         }
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
     for r in measure::sampler(a.vocab, a.rows, a.repeat) {
-        println!("{r}{}", debug_note());
+        outln!("{r}{}", debug_note());
     }
     Ok(())
 }
@@ -187,7 +187,7 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         let n_prompts = (b / samples as usize).max(1);
         let prompts: Vec<Vec<u32>> = (0..n_prompts).map(|i| (0..a.prompt_len).map(|j| ((i * 7919 + j * 104_729) as u32 % (vocab - 1)) + 1).collect()).collect();
         let r = measure::engine(m, &format!("batch {b}"), &prompts, samples, a.new_tokens, b, synthetic_params, !a.no_prefix_cache)?;
-        println!("{r}");
+        outln!("{r}");
         results.push(serde_json::json!({
             "batch": b, "sequences": r.sequences, "prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens, "new_tokens": r.new_tokens,
             "prefill_s": r.prefill_s, "total_s": r.total_s, "prefill_tok_s": r.prefill_tok_s(), "decode_tok_s": r.decode_tok_s(),
@@ -207,7 +207,7 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         // The job samples as the model's preset says (the k samples of a query must differ).
         let params = local.preset.as_ref().map_or(SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, min_p: 0.0 }, |p| p.sampling.params());
         let r = measure::engine(m, &what, &prompts, a.job_samples, a.new_tokens, a.job_batch, params, !a.no_prefix_cache)?;
-        println!("{r}");
+        outln!("{r}");
     }
     Ok(())
 }
@@ -215,7 +215,7 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
 fn bench_quant() -> Result<()> {
     for (out, inp) in [(1536, 576), (576, 1536), (576, 576)] {
         for (n, ours, candle) in quant::bench(out, inp, &[1, 2, 4, 8, 32, 128]) {
-            println!("Q4_1 {out}x{inp}, {n:3} rows: ours {:9.1} us, candle {:9.1} us, {:.1}x{}", ours * 1e6, candle * 1e6, candle / ours, debug_note());
+            outln!("Q4_1 {out}x{inp}, {n:3} rows: ours {:9.1} us, candle {:9.1} us, {:.1}x{}", ours * 1e6, candle * 1e6, candle / ours, debug_note());
         }
     }
     Ok(())
@@ -224,7 +224,7 @@ fn bench_quant() -> Result<()> {
 fn bench_serve(a: BenchServeArgs) -> Result<()> {
     eprintln!("bsa serve in-process on 127.0.0.1, {} threads{}", rayon::current_num_threads(), debug_note());
     for r in serve::bench(&a.model, &a.device, &a.data, a.kv_cache_mb, &a.clients, a.requests_per_client, a.max_tokens, a.temperature)? {
-        println!("{r}");
+        outln!("{r}");
     }
     Ok(())
 }
