@@ -251,15 +251,20 @@ impl KvCache {
     /// The leading blocks of `hashes` (the [`block_hashes`] of `tokens`) the cache holds, at
     /// most `max_blocks` of them.
     pub fn cached_prefix(&self, hashes: &[BlockHash], tokens: &[u32], max_blocks: usize) -> CachedPrefix {
-        let Some(index) = &self.prefix else { return CachedPrefix::default() };
-        let bs = self.block_size;
         let mut hit = CachedPrefix::default();
-        for i in 0..max_blocks.min(hashes.len()) {
-            let Some(b) = index.find(hashes[i], i.checked_sub(1).map(|p| hashes[p]), &tokens[i * bs..(i + 1) * bs]) else { break };
+        for b in self.cached_run(hashes, tokens, 0..max_blocks.min(hashes.len())) {
             hit.blocks += 1;
             hit.idle += usize::from(self.refcount[b as usize] == 0);
         }
         hit
+    }
+
+    /// The cached blocks holding blocks `range` of `hashes` (the [`block_hashes`] of
+    /// `tokens`), in order, up to the first one the cache has not got; none while prefix
+    /// caching is off.
+    fn cached_run<'a>(&'a self, hashes: &'a [BlockHash], tokens: &'a [u32], range: std::ops::Range<usize>) -> impl Iterator<Item = u32> + 'a {
+        let bs = self.block_size;
+        range.map_while(move |i| self.prefix.as_ref()?.find(hashes[i], i.checked_sub(1).map(|p| hashes[p]), &tokens[i * bs..(i + 1) * bs]))
     }
 
     /// Bytes one block takes over all layers, K and V together.
@@ -543,22 +548,17 @@ impl BlockTable {
     pub fn adopt_cached_prefix(&mut self, cache: &mut KvCache, hashes: &[BlockHash], tokens: &[u32], max_blocks: usize) -> usize {
         let bs = cache.block_size;
         let start = self.blocks.len();
-        if cache.prefix.is_none() || self.len != start * bs || self.hashes.len() != start {
+        if self.len != start * bs || self.hashes.len() != start {
             return 0;
         }
-        let end = max_blocks.min(hashes.len());
-        let mut taken = 0;
-        for i in start..end {
-            let parent = i.checked_sub(1).map(|p| hashes[p]);
-            let index = cache.prefix.as_ref().expect("checked");
-            let Some(b) = index.find(hashes[i], parent, &tokens[i * bs..(i + 1) * bs]) else { break };
+        let found: Vec<u32> = cache.cached_run(hashes, tokens, start..max_blocks.min(hashes.len())).collect();
+        for (i, &b) in (start..).zip(&found) {
             cache.incref(b);
             self.blocks.push(b);
             self.hashes.push(hashes[i]);
-            self.len += bs;
-            taken += bs;
         }
-        taken
+        self.len += found.len() * bs;
+        found.len() * bs
     }
 
     /// Registers the blocks this table has filled since the last call in the prefix cache.
