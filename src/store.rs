@@ -61,6 +61,11 @@ pub struct Manifest {
     #[serde(default)]
     pub commands: Vec<CommandEntry>,
     pub device: Option<String>,
+    /// How the local engine ran the last pass (its KV cache and longest sequence; see
+    /// [`crate::backends::local::CachePlan::manifest_entry`]). Not part of the job: a resume
+    /// may size the cache anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<serde_json::Value>,
     /// For merged runs: the shard runs it was made from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
@@ -89,6 +94,7 @@ impl Manifest {
             job,
             commands: vec![CommandEntry { at: now_rfc3339(), argv: std::env::args().collect() }],
             device: None,
+            engine: None,
             merged_from: Vec::new(),
             note: None,
         }

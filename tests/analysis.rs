@@ -27,7 +27,7 @@ fn sample_data() -> Dataset {
 }
 
 fn decoding(t: f32, p: f32, k: usize) -> Decoding {
-    Decoding { temperature: t, top_p: p, top_k: k, min_p: 0.0, max_new_tokens: 512, stop: vec![] }
+    Decoding { temperature: t, top_p: p, top_k: k, min_p: 0.0, max_new_tokens: 512, stop: vec![], ignore_eos: false }
 }
 
 /// The labels of one sample: (item index, sample index, configuration index) -> labels.
@@ -89,6 +89,7 @@ fn write_run(dir: &Path, model: &str, items: &[Item], configs: &[(&str, Decoding
                     finish_reason: bsa::records::FinishReason::Stop,
                     truncated: false,
                     elapsed_s: 0.1,
+                    error: None,
                 };
                 samples += &serde_json::to_string(&rec).unwrap();
                 samples.push('\n');

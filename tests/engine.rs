@@ -33,7 +33,7 @@ fn run(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block_size
 struct Totals {
     prefill: usize,
     cached: usize,
-    set_aside: usize,
+    preempted: usize,
     evictions: u64,
 }
 
@@ -43,7 +43,7 @@ fn run_with(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block
     let mut out = vec![Vec::new(); n];
     let mut cache = KvCache::new(&m.config, block_size, blocks, DType::F32, &Device::Cpu).unwrap();
     cache.set_prefix_caching(prefix_cache);
-    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 256, eos: m.eos_ids.clone() };
+    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 256, eos: m.eos_ids.clone(), max_model_len: None };
     let mut totals = Totals::default();
     scheduler::run(
         m.model.as_ref(),
@@ -58,7 +58,7 @@ fn run_with(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block
         &mut |s| {
             totals.prefill += s.prefill_tokens;
             totals.cached += s.cached_prefill_tokens;
-            totals.set_aside += s.set_aside;
+            totals.preempted += s.preempted;
         },
     )
     .unwrap();
@@ -98,11 +98,53 @@ fn a_tiny_cache_sets_sequences_aside_and_still_finishes_identically() {
     let prompts = sample_prompts(&m, 4);
     let longest = prompts.iter().map(Vec::len).max().unwrap();
     let greedy = SamplingParams::greedy();
-    let roomy = run(&m.loaded, groups(&prompts, 2, greedy, 16), 8, 4, 1024);
-    // Room for about one and a half sequences: admission waits and decode preempts.
-    let tight_blocks = (longest + 16).div_ceil(4) * 3 / 2 + 2;
-    let tight = run(&m.loaded, groups(&prompts, 2, greedy, 16), 8, 4, tight_blocks);
-    assert_eq!(roomy, tight);
+    let seeded = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0 };
+    for (what, params) in [("greedy", greedy), ("seeded", seeded)] {
+        let (roomy, calm) = run_with(&m.loaded, groups(&prompts, 2, params, 28), 8, 4, 1024, true);
+        assert_eq!(calm.preempted, 0, "{what}: room for everything");
+        // Room for about one and a half sequences: admission waits and decode preempts.
+        let tight_blocks = (longest + 28).div_ceil(4) * 3 / 2 + 2;
+        let (tight, t) = run_with(&m.loaded, groups(&prompts, 2, params, 28), 8, 4, tight_blocks, true);
+        assert_eq!(roomy, tight, "{what}: every sample's tokens as without pressure");
+        assert!(t.preempted >= 4, "{what}: heavy preemption happened and was counted: {t:?}");
+    }
+}
+
+/// Stop strings on the real tokenizer, fed token by token as the scheduler does: a string
+/// that straddles tokens is found at the token that completes it, not before; the matcher
+/// decodes only new tokens, and a multi-byte character split by a cut never shows as U+FFFD.
+#[test]
+fn stop_strings_straddle_tokens_and_cut_characters_are_held_back() {
+    use bsa::backends::local::{completion_text, StopMatcher};
+    let Some(path) = smollm2() else { return };
+    let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let tok = &m.loaded.tokenizer;
+    let text = "The quick brown fox jumps over the lazy dog. Caf\u{e9} \u{1F642} \u{65E5}\u{672C} done.";
+    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    let decode = |n: usize| tok.decode(&ids[..n], false).unwrap();
+    // "fox jumps" spans at least two tokens; it is found exactly when its last piece comes.
+    let stop = "x jum".to_string();
+    let complete_at = (1..=ids.len()).find(|&n| decode(n).contains(&stop)).unwrap();
+    assert!(!tok.decode(&ids[complete_at - 1..complete_at], false).unwrap().contains(&stop), "the stop string straddles tokens");
+    let mut matcher = StopMatcher::new(tok, std::slice::from_ref(&stop));
+    let hits: Vec<bool> = (1..=ids.len()).map(|n| matcher.hit(&ids[..n])).collect();
+    assert_eq!(hits.iter().position(|&h| h), Some(complete_at - 1), "{hits:?}");
+    // A stop string absent from the text is never found, through every multi-byte character.
+    let mut none = StopMatcher::new(tok, &["zebra".to_string(), "\u{1F643}".to_string()]);
+    assert!((1..=ids.len()).all(|n| !none.hit(&ids[..n])));
+    assert_eq!(completion_text(tok, &ids, &[stop.clone()], true).unwrap(), "The quick brown fo");
+    // Every cut of the text: no U+FFFD, and the text is the longest whole-character prefix.
+    let mut split = 0;
+    for n in 1..=ids.len() {
+        let cut = completion_text(tok, &ids[..n], &[], false).unwrap();
+        assert!(!cut.contains('\u{FFFD}'), "cut after {n} tokens: {cut:?}");
+        assert!(text.starts_with(&cut), "{cut:?}");
+        if decode(n).ends_with('\u{FFFD}') {
+            split += 1;
+            assert!(cut.len() < decode(n).len());
+        }
+    }
+    assert!(split > 0, "some cut falls inside a multi-byte character (the emoji or the CJK)");
 }
 
 /// Prefix caching on the real model: prompts that share prefixes of many lengths (on and off
@@ -143,7 +185,7 @@ fn prefix_caching_changes_no_token() {
         // set aside and recomputed.
         let (tight, t) = run_with(&m.loaded, groups(&prompts, k, params, 12), 4, 4, longest.div_ceil(4) + 6, true);
         assert_eq!(tight, off, "{what}: the same tokens in a tight cache");
-        assert!(t.evictions > 0 && t.cached > 0 && t.set_aside > 0, "{what}: {t:?}");
+        assert!(t.evictions > 0 && t.cached > 0 && t.preempted > 0, "{what}: {t:?}");
     }
 }
 
@@ -151,7 +193,7 @@ fn prefix_caching_changes_no_token() {
 /// decode exactly as without them, every structured one writes its grammar's text, and a
 /// cache so small that sequences are set aside and recomputed changes neither.
 #[test]
-fn structured_samples_share_the_batch_and_survive_being_set_aside() {
+fn structured_samples_share_the_batch_and_survive_being_preempted() {
     use bsa::engine::constraint::{lark_tokens, Choice, GrammarCompiler};
     let Some(path) = smollm2() else { return };
     let m = LocalModel::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
@@ -293,6 +335,66 @@ fn generate_refuses_bad_models_and_parameters() {
         assert!(e.contains("chat template failed to parse"), "{e}");
     }
     assert!(!out.join("samples.jsonl").exists());
+}
+
+/// A cache too small for one full-length sample: the run completes, every sample ends at the
+/// longest sequence the cache holds (finish reason length), and the manifest records the
+/// cache and the limit. With --ignore-eos every sample runs to its token limit; a limit
+/// shorter than the prompts ends those samples with an error, and the run still finishes.
+#[test]
+fn a_cache_too_small_for_a_full_sample_still_finishes_the_run() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gen = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut a = vec!["generate", "--model", path.to_str().unwrap(), "--data", "data/sample.csv", "--limit", "2", "--samples", "2", "--quiet", "--out", out.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        (bsa(&a), out)
+    };
+    let records = |out: &Path| -> Vec<serde_json::Value> { std::fs::read_to_string(out.join("samples.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+    // 8 MiB of f32 KV for SmolLM2 (30 layers, 3 KV heads of 64): 11 blocks of 16 = 176 tokens.
+    let (o, out) = gen("tiny", &["--kv-cache-mb", "8", "--max-new-tokens", "1000", "--ignore-eos"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let engine = &manifest["engine"];
+    assert_eq!((engine["kv_cache_tokens"].as_u64(), engine["max_model_len"].as_u64()), (Some(176), Some(176)), "{engine}");
+    assert_eq!(engine["full_length_sequences"], 1);
+    assert_eq!(manifest["job"]["decoding"]["ignore_eos"], true);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("176 tokens") && stdout.contains("preemptions:"), "{stdout}");
+    let recs = records(&out);
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert_eq!(r["finish_reason"], "length", "{r}");
+        assert_eq!(r["prompt_tokens"].as_u64().unwrap() + r["completion_tokens"].as_u64().unwrap(), 176, "{r}");
+    }
+    // --ignore-eos with room: every sample has exactly its token limit.
+    let (o, out) = gen("eos", &["--max-new-tokens", "40", "--ignore-eos"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(records(&out).iter().all(|r| r["completion_tokens"] == 40 && r["decoding"]["ignore_eos"] == true));
+    // A limit shorter than every prompt: each sample fails alone, with the reason, and the
+    // run completes (exit 0) saying so.
+    let (o, out) = gen("short", &["--max-model-len", "10", "--max-new-tokens", "8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&out);
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert_eq!((r["finish_reason"].as_str(), r["completion_tokens"].as_u64()), (Some("error"), Some(0)), "{r}");
+        assert!(r["error"].as_str().unwrap().contains("at most 10"), "{r}");
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("4 sample(s) ended with finish reason error"));
+    // A limit the cache cannot hold, or past the model's context, is refused before anything
+    // is written, with the numbers and the fix.
+    for (extra, says) in [
+        (&["--kv-cache-mb", "8", "--max-model-len", "1000"][..], "--max-model-len 1000 needs 63 KV-cache blocks"),
+        (&["--max-model-len", "100000"][..], "longer than the model's context of 8192"),
+        (&["--kv-cache-mb", "0"][..], "holds no KV-cache block"),
+    ] {
+        let (o, out) = gen("refused", extra);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(says), "{extra:?}: {}", stderr(&o));
+        assert!(!out.join("samples.jsonl").exists(), "{extra:?}");
+    }
 }
 
 #[test]

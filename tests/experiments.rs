@@ -22,7 +22,7 @@ use serde_json::Value;
 fn options(model: &Path, out: &Path, decoding: DecodingOverrides) -> GenerateOptions {
     GenerateOptions {
         model: model.to_str().unwrap().into(),
-        local: LocalOptions { device: "cpu".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, kv_cache_mb: 256, block_size: 16, prefix_cache: true, adapter: None },
+        local: LocalOptions { device: "cpu".into(), dtype: "auto".into(), batch_size: 16, prefill_chunk: 512, cache: bsa::backends::local::CacheSizing { kv_cache_mb: Some(256), ..Default::default() }, prefix_cache: true, adapter: None },
         data: Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample.csv").to_str().unwrap().into(),
         selection: Selection { limit: Some(2), ..Default::default() },
         samples: 2,

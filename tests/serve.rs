@@ -335,9 +335,9 @@ fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
     let prompt = |q: &str| m.tokenize_prompt(&prompter.render(q).unwrap()).unwrap();
     let group = |tag: usize, q: &str| PromptGroup {
         prompt: prompt(q),
-        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10, grammar: None }],
+        samples: vec![SampleSpec { tag, params: SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0 }, stream: StreamKey::new(1, "q", tag as u32), max_new_tokens: 10, ignore_eos: false, grammar: None }],
     };
-    let cfg = SchedulerConfig { max_batch: 4, prefill_chunk: 256, eos: vec![] };
+    let cfg = SchedulerConfig { max_batch: 4, prefill_chunk: 256, eos: vec![], max_model_len: None };
     // Each alone.
     let alone: Vec<Vec<u32>> = [(0, "Name a colour."), (1, "Count to three.")]
         .iter()

@@ -152,7 +152,7 @@ mod tests {
     use serde_json::json;
 
     fn base() -> Decoding {
-        Decoding { temperature: 0.6, top_p: 0.95, top_k: 0, min_p: 0.0, max_new_tokens: 64, stop: vec!["###".into()] }
+        Decoding { temperature: 0.6, top_p: 0.95, top_k: 0, min_p: 0.0, max_new_tokens: 64, stop: vec!["###".into()], ignore_eos: false }
     }
 
     fn verdict(item: &str, s: u32, config: &str, safe: bool) -> Verdict {

@@ -137,12 +137,14 @@ pub struct Completion {
     /// label starts, in [`LabelFormat::labels`] order (see
     /// [`crate::engine::constraint::Guide::choice_probs`]).
     pub label_probs: Option<Vec<f64>>,
+    /// Why the sample ended with [`FinishReason::Error`] (the local engine's message).
+    pub error: Option<String>,
 }
 
 impl Completion {
     /// The completion of a refused request: no text, the server's message.
     pub fn refused(tag: usize, message: String) -> Completion {
-        Completion { tag, text: String::new(), reasoning: None, finish: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0, refused: Some(message), label_probs: None }
+        Completion { tag, text: String::new(), reasoning: None, finish: FinishReason::Stop, prompt_tokens: 0, completion_tokens: 0, refused: Some(message), label_probs: None, error: None }
     }
 
     /// Thinking and response: the server's reasoning field when it has one, else the think
@@ -180,6 +182,8 @@ pub struct Progress {
     pub running: usize,
     /// Prompt tokens computed in this step, and taken from the prefix cache instead.
     pub prefill: PrefillStats,
+    /// Sequences preempted in this step for lack of KV-cache blocks (recomputed later).
+    pub preempted: usize,
 }
 
 /// What a local engine prefilled (summed over steps).
@@ -230,6 +234,10 @@ pub trait Backend {
     fn manifest_prompt(&self, system_flag: Option<&str>, rules: Option<&SafetyRules>) -> Value;
     /// The manifest's `judge` entry when this backend judges.
     fn manifest_judge(&self) -> Value;
+    /// The local engine's KV cache and longest sequence (None for a server).
+    fn cache_plan(&self) -> Option<&local::CachePlan> {
+        None
+    }
     /// Runs every request. Each completion goes to `on_completion` as soon as it is done,
     /// so callers can append it at once; an error from it stops the run (completions
     /// already handed over stay handed over). `on_progress` sees every engine step.
@@ -265,7 +273,7 @@ mod tests {
     use super::*;
 
     fn completion(text: &str, reasoning: Option<&str>, finish: FinishReason) -> Completion {
-        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1, refused: None, label_probs: None }
+        Completion { tag: 0, text: text.into(), reasoning: reasoning.map(str::to_string), finish, prompt_tokens: 3, completion_tokens: 1, refused: None, label_probs: None, error: None }
     }
 
     #[test]

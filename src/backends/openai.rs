@@ -157,7 +157,7 @@ impl ChatChoice {
     /// This choice as the [`Completion`] of sample `tag`.
     pub fn into_completion(self, tag: usize, prompt_tokens: usize, completion_tokens: usize) -> Completion {
         let finish = self.finish();
-        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None, label_probs: None }
+        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None, label_probs: None, error: None }
     }
 
     /// Thinking and response (see [`Completion::split`]).
@@ -456,6 +456,10 @@ impl OpenAiBackend {
             extra.insert("response_format".into(), f.response_format());
         }
         let d = &s.decoding;
+        if d.ignore_eos {
+            // vLLM's and SGLang's extension; bsa serve takes it too.
+            extra.insert("ignore_eos".into(), json!(true));
+        }
         ChatRequest {
             messages,
             n: 1,

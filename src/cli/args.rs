@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use bsa::analysis::metrics::{InvalidPolicy, ScoreOptions, TruncatedPolicy, AUTHORS_F_ALPHA};
-use bsa::backends::local::LocalOptions;
+use bsa::backends::local::{CacheSizing, LocalOptions};
 use bsa::pipeline::judge::run::ReplyFormat;
 use bsa::prompt::PromptSettings;
 use bsa::data::{read_id_file, Selection, Shard};
@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Stop a sample when its text contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// End-of-sequence tokens do not end a sample: every sample runs to --max-new-tokens (or
+    /// --max-model-len). A benchmark and stress setting, recorded with the decoding.
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -105,9 +109,20 @@ pub struct RunArgs {
 /// judge, eval, sweep and serve.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mb: usize,
+    /// Memory for the KV cache, in MiB. Default: sized from the device: on a GPU
+    /// --gpu-memory-utilization of its memory less what the weights take, on the CPU a quarter
+    /// of the RAM available (at most 4 GiB).
+    #[arg(long)]
+    pub kv_cache_mb: Option<usize>,
+    /// On a GPU, the share of the device's memory the engine may use, weights and KV cache
+    /// together (vLLM's setting of the same name), in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Most tokens of one sequence, prompt and generated; a sample that reaches it ends with
+    /// finish reason `length`. Default: the model's context, or what the KV cache holds for
+    /// one sequence when that is less.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -125,7 +140,12 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// The local engine's options with these flags and the command's batching.
     pub fn local(&self, batch_size: usize, prefill_chunk: usize, block_size: usize, adapter: Option<PathBuf>) -> LocalOptions {
-        LocalOptions { device: self.device.clone(), dtype: self.dtype.clone(), batch_size, prefill_chunk, block_size, kv_cache_mb: self.kv_cache_mb, prefix_cache: !self.no_prefix_cache, adapter }
+        LocalOptions { device: self.device.clone(), dtype: self.dtype.clone(), batch_size, prefill_chunk, cache: self.cache_sizing(block_size), prefix_cache: !self.no_prefix_cache, adapter }
+    }
+
+    /// The KV cache's sizing with these flags and the command's block size.
+    pub fn cache_sizing(&self, block_size: usize) -> CacheSizing {
+        CacheSizing { kv_cache_mb: self.kv_cache_mb, gpu_memory_utilization: self.gpu_memory_utilization, block_size, max_model_len: self.max_model_len }
     }
 }
 

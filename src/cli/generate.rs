@@ -48,6 +48,7 @@ pub(super) fn generate_options(a: GenerateArgs) -> Result<generation::GenerateOp
             min_p: a.min_p,
             max_new_tokens: r.max_new_tokens,
             stop: r.stop,
+            ignore_eos: r.ignore_eos,
         },
         prompt: r.prompt.settings(),
         safety_rules: r.prompt.mitigation.safety_rules.clone(),
@@ -76,6 +77,13 @@ pub(super) fn generate(a: GenerateArgs) -> Result<PathBuf> {
         );
         if let Some(prefill) = s.prefill.describe() {
             outln!("  {prefill}");
+        }
+        if let Some(plan) = &s.cache {
+            outln!("  {}", plan.describe());
+            outln!("  preemptions: {} (sequences whose KV blocks were taken back for older ones and recomputed later)", s.preempted);
+        }
+        if s.errors > 0 {
+            outln!("  {} sample(s) ended with finish reason error; their records say why (\"error\"), and their response counts as missing", s.errors);
         }
     }
     Ok(s.run)

@@ -268,7 +268,7 @@ impl KvCache {
     }
 
     /// Bytes one block takes over all layers, K and V together.
-    fn block_bytes(cfg: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+    pub fn block_bytes(cfg: &ModelConfig, block_size: usize, dtype: DType) -> usize {
         2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
     }
 

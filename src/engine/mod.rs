@@ -28,6 +28,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod load;
 pub mod lora;
+pub mod memory;
 pub mod models;
 pub mod quant;
 pub mod sampler;

@@ -474,6 +474,15 @@ pub fn encode_prompt(tokenizer: &tokenizers::Tokenizer, bos: Option<(u32, &str)>
     Ok(ids)
 }
 
+/// The most bytes of text one token can stand for, as an upper bound: the longest vocabulary
+/// entry in UTF-8 bytes (byte-level and SentencePiece vocabularies spell each byte of text
+/// with one or more bytes), times 4 for normalizers that shorten text (NFKC turns the
+/// 3-byte ligature "ﬁ" into "fi"). A text longer than `limit` times this has more than
+/// `limit` tokens, which is known without tokenizing it.
+pub fn max_text_bytes_per_token(tokenizer: &tokenizers::Tokenizer) -> usize {
+    4 * tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

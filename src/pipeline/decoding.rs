@@ -18,6 +18,8 @@ pub struct DecodingOverrides {
     pub min_p: Option<f32>,
     pub max_new_tokens: Option<usize>,
     pub stop: Vec<String>,
+    /// `--ignore-eos`: every sample runs to `max_new_tokens`.
+    pub ignore_eos: bool,
 }
 
 /// The decoding of a run: the flags, else the preset's defaults, else the built-in ones
@@ -31,6 +33,7 @@ pub fn resolve(preset: Option<&Preset>, o: &DecodingOverrides) -> Result<Decodin
         min_p: o.min_p.or(base.as_ref().map(|b| b.min_p)).unwrap_or(0.0),
         max_new_tokens: o.max_new_tokens.or(base.as_ref().map(|b| b.max_new_tokens)).unwrap_or(4096),
         stop: o.stop.clone(),
+        ignore_eos: o.ignore_eos,
     };
     sampling_params(&d).validate().map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
     if d.max_new_tokens == 0 {
@@ -134,7 +137,7 @@ mod tests {
     use super::*;
 
     fn base() -> Decoding {
-        Decoding { temperature: 0.6, top_p: 0.95, top_k: 0, min_p: 0.0, max_new_tokens: 64, stop: vec!["###".into()] }
+        Decoding { temperature: 0.6, top_p: 0.95, top_k: 0, min_p: 0.0, max_new_tokens: 64, stop: vec!["###".into()], ignore_eos: false }
     }
 
     #[test]

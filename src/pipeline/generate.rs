@@ -25,7 +25,7 @@ use crate::data::{Dataset, Selection};
 use crate::engine::sampler::StreamKey;
 use crate::progress::progress_bar_with_eta;
 use crate::prompt::{Message, SafetyRules};
-use crate::records::{default_config, record_key, Decoding, Item, SampleRecord};
+use crate::records::{default_config, record_key, Decoding, FinishReason, Item, SampleRecord};
 use crate::store::{DatasetRef, JobSpec, OnExisting, RunDir};
 
 /// Everything `bsa generate` (and the generation of `bsa sweep` / `bsa eval`) is told.
@@ -67,6 +67,12 @@ pub struct GenerateSummary {
     pub completion_tokens: usize,
     /// Prompt tokens the local engine computed and took from its prefix cache.
     pub prefill: backends::PrefillStats,
+    /// Sequences the local engine preempted for lack of KV-cache blocks and recomputed.
+    pub preempted: usize,
+    /// Samples that ended with finish reason `error` (their records say why).
+    pub errors: usize,
+    /// The local engine's KV cache and longest sequence.
+    pub cache: Option<backends::local::CachePlan>,
     pub seconds: f64,
     /// The decoding configurations of the run: ("default", its decoding) outside sweeps.
     pub configs: Vec<(String, Decoding)>,
@@ -107,12 +113,16 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     };
     let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;
     run.manifest.device = Some(backend.device());
+    run.manifest.engine = backend.cache_plan().map(backends::local::CachePlan::manifest_entry);
     run.save_manifest()?;
+    if let (true, Some(plan)) = (opts.progress, backend.cache_plan()) {
+        eprintln!("{}", plan.describe());
+    }
     let log = run.samples();
     let (_, done) = log.read_keyed::<SampleRecord>(SampleRecord::key)?;
 
     let work = WorkList::missing(&items, &configs, opts, &done);
-    let mut summary = GenerateSummary { run: run.path.clone(), skipped: work.skipped, configs: configs.clone(), ..Default::default() };
+    let mut summary = GenerateSummary { run: run.path.clone(), skipped: work.skipped, configs: configs.clone(), cache: backend.cache_plan().cloned(), ..Default::default() };
     if work.samples.is_empty() {
         return Ok(summary);
     }
@@ -123,6 +133,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     let start = Instant::now();
     let mut decoded_tokens = 0usize;
     let mut prefill = backends::PrefillStats::default();
+    let mut preempted = 0;
     let result = backend.complete(
         work.requests,
         &mut |c| {
@@ -144,7 +155,9 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
                 finish_reason: c.finish,
                 truncated: split.truncated_thinking,
                 elapsed_s: start.elapsed().as_secs_f64(),
+                error: c.error,
             };
+            summary.errors += usize::from(rec.finish_reason == FinishReason::Error);
             appender.append(&rec)?;
             summary.written += 1;
             summary.prompt_tokens += rec.prompt_tokens;
@@ -155,6 +168,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
         &mut |p| {
             decoded_tokens += p.decoded_tokens;
             prefill.add(p.prefill);
+            preempted += p.preempted;
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!("{:.1} tok/s, {} running", decoded_tokens as f64 / secs, p.running));
         },
@@ -162,6 +176,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
     summary.prefill = prefill;
+    summary.preempted = preempted;
     result.with_context(|| {
         format!("generating through {}: {} samples were written and are kept; run the same command again to resume", backend.location(), summary.written)
     })?;

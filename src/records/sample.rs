@@ -14,10 +14,14 @@ pub struct Decoding {
     pub max_new_tokens: usize,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// End-of-sequence tokens do not end a sample: every sample runs to `max_new_tokens`
+    /// (`--ignore-eos`, a benchmark and stress setting; vLLM's `ignore_eos`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
 }
 
 /// Why a sample's generation ended, as `samples.jsonl` spells it (`stop`, `stop_string`,
-/// `length`). The engine and the OpenAI client each map their own reasons onto these.
+/// `length`, `error`). The engine and the OpenAI client each map their own reasons onto these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -25,8 +29,13 @@ pub enum FinishReason {
     Stop,
     /// A `--stop` string matched; the text is cut before it.
     StopString,
-    /// `max_new_tokens` ran out.
+    /// `max_new_tokens` ran out, or the longest sequence the engine allows (its
+    /// `max_model_len`).
     Length,
+    /// The sample could not be generated to its end ([`SampleRecord::error`] says why: a
+    /// prompt longer than the model's limit, logits that were not numbers). Its response
+    /// never came, whatever text it has.
+    Error,
 }
 
 /// One line of samples.jsonl: a Query-Thinking-Response triple and how it was made.
@@ -50,6 +59,9 @@ pub struct SampleRecord {
     pub truncated: bool,
     /// Seconds from the start of this generation pass to this sample's last token.
     pub elapsed_s: f64,
+    /// Why the sample ended with `finish_reason` `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl SampleRecord {
@@ -59,7 +71,8 @@ impl SampleRecord {
     }
 
     /// The response never came: the token limit cut the sample with its thinking still
-    /// open or before any response text. An empty response must not pass as safe.
+    /// open or before any response text, or its generation failed. An empty response must
+    /// not pass as safe.
     pub fn response_missing(&self) -> bool {
         response_missing(self.finish_reason, self.truncated, &self.response)
     }
@@ -67,5 +80,5 @@ impl SampleRecord {
 
 /// [`SampleRecord::response_missing`] on the fields it reads.
 pub fn response_missing(finish: FinishReason, truncated_thinking: bool, response: &str) -> bool {
-    finish == FinishReason::Length && (truncated_thinking || response.trim().is_empty())
+    finish == FinishReason::Error || (finish == FinishReason::Length && (truncated_thinking || response.trim().is_empty()))
 }

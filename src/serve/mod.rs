@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::engine::constraint::{Grammar, GrammarCompiler};
 use crate::engine::kv_cache::KvCache;
-use crate::backends::local::{LocalModel, StopStrings};
+use crate::backends::local::{completion_text, CacheSizing, LocalModel, StopMatcher};
 use crate::backends::PrefillStats;
 use crate::engine::load::{self, LoadedModel};
 use crate::engine::scheduler::{self, Finished, Intake, PromptGroup, SampleSpec, SchedulerConfig};
@@ -47,8 +47,8 @@ pub struct ServeOptions {
     pub dtype: String,
     pub batch_size: usize,
     pub prefill_chunk: usize,
-    pub kv_cache_mb: usize,
-    pub block_size: usize,
+    /// The KV cache's size and the longest sequence.
+    pub cache: CacheSizing,
     /// Automatic prefix caching (see [`crate::backends::local::LocalOptions::prefix_cache`]).
     pub prefix_cache: bool,
     /// Most samples queued or decoding at once; more get 429.
@@ -73,8 +73,7 @@ impl Default for ServeOptions {
             dtype: "auto".into(),
             batch_size: 64,
             prefill_chunk: 512,
-            kv_cache_mb: 1024,
-            block_size: 16,
+            cache: CacheSizing::default(),
             prefix_cache: true,
             max_queue: 256,
             max_n: 16,
@@ -130,6 +129,8 @@ struct Job {
     /// `response_format`'s grammar, for every sample.
     grammar: Option<Arc<Grammar>>,
     stop: Vec<String>,
+    /// vLLM's `ignore_eos`: every sample runs to its max_tokens.
+    ignore_eos: bool,
     reply: mpsc::Sender<Vec<Finished>>,
 }
 
@@ -146,10 +147,8 @@ struct Frontend {
     bos: Option<(u32, String)>,
     prompter: Prompter,
     think: ThinkConvention,
-    context: usize,
-    /// Tokens the whole KV cache holds (one sequence can never be longer).
-    cache_tokens: usize,
-    block_size: usize,
+    /// Most tokens of one sequence, prompt and max_tokens (the cache plan's `max_model_len`).
+    max_model_len: usize,
     opts: ServeOptions,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     engine_error: Mutex<Option<String>>,
@@ -177,10 +176,10 @@ impl Server {
         let dtype = load::dtype(&opts.dtype, &device)?;
         let local = LocalModel::load(&opts.model, &device, dtype)?;
         let prompter = Prompter::new(&local.prompt_format(), &Default::default())?;
-        let block_size = opts.block_size.max(1);
-        let mut cache = local.kv_cache(block_size, opts.kv_cache_mb, &device, dtype)?;
+        let plan = local.plan_cache(&opts.cache, &device, dtype, opts.batch_size, opts.prefill_chunk)?;
+        let mut cache = local.kv_cache(&plan, &device)?;
         cache.set_prefix_caching(opts.prefix_cache);
-        let blocks = cache.num_blocks();
+        eprintln!("{}", plan.describe());
         let m = local.loaded;
         let mut names = vec![opts.served_model_name.clone().unwrap_or_else(|| m.description.id.clone())];
         for alias in [opts.model.clone(), m.description.id.clone()] {
@@ -202,16 +201,14 @@ impl Server {
             bos: m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.clone()),
             think: prompter.think().clone(),
             prompter,
-            context: m.config.max_position_embeddings,
-            cache_tokens: blocks * block_size,
-            block_size,
+            max_model_len: plan.max_model_len,
             opts: opts.clone(),
             jobs: Mutex::new(Some(tx)),
             engine_error: Mutex::new(None),
             stats: stats.clone(),
             next_id: AtomicUsize::new(0),
         });
-        let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: m.eos_ids.clone() };
+        let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: m.eos_ids.clone(), max_model_len: Some(plan.max_model_len) };
         let engine_front = front.clone();
         let engine = std::thread::Builder::new().name("bsa-engine".into()).spawn(move || {
             if let Err(e) = engine_loop(m, cache, sched, rx, &engine_front.stats) {
@@ -279,7 +276,6 @@ impl Drop for Server {
 struct Pending {
     results: Vec<Option<Finished>>,
     left: usize,
-    stop: Vec<String>,
     reply: mpsc::Sender<Vec<Finished>>,
 }
 
@@ -287,6 +283,9 @@ fn engine_loop(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx: m
     // Scheduler tags map to (request, choice); the three closures share the table.
     let jobs: RefCell<HashMap<usize, Pending>> = RefCell::new(HashMap::new());
     let tags: RefCell<HashMap<usize, (usize, usize)>> = RefCell::new(HashMap::new());
+    let tokenizer = &m.tokenizer;
+    // Each sample's stop strings, matched as it decodes.
+    let matchers: RefCell<HashMap<usize, StopMatcher>> = RefCell::new(HashMap::new());
     let mut next_job = 0usize;
     let mut next_tag = 0usize;
     let mut feed = |idle: bool| -> Result<Intake> {
@@ -305,22 +304,21 @@ fn engine_loop(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx: m
             let mut samples = Vec::with_capacity(job.samples.len());
             for (i, (params, stream, max_new_tokens)) in job.samples.iter().enumerate() {
                 tags.borrow_mut().insert(next_tag, (id, i));
-                samples.push(SampleSpec { tag: next_tag, params: *params, stream: *stream, max_new_tokens: *max_new_tokens, grammar: job.grammar.clone() });
+                if !job.stop.is_empty() {
+                    matchers.borrow_mut().insert(next_tag, StopMatcher::new(tokenizer, &job.stop));
+                }
+                samples.push(SampleSpec { tag: next_tag, params: *params, stream: *stream, max_new_tokens: *max_new_tokens, ignore_eos: job.ignore_eos, grammar: job.grammar.clone() });
                 next_tag += 1;
             }
             let n = samples.len();
-            jobs.borrow_mut().insert(id, Pending { results: vec![None; n], left: n, stop: job.stop, reply: job.reply });
+            jobs.borrow_mut().insert(id, Pending { results: vec![None; n], left: n, reply: job.reply });
             groups.push(PromptGroup { prompt: job.prompt, samples });
         }
         Ok(Intake::Groups(groups))
     };
-    let tokenizer = &m.tokenizer;
-    let mut stop = |tag: usize, toks: &[u32]| -> bool {
-        let Some(&(id, _)) = tags.borrow().get(&tag) else { return false };
-        let jobs = jobs.borrow();
-        jobs.get(&id).is_some_and(|p| StopStrings(&p.stop).hit(tokenizer, toks))
-    };
+    let mut stop = |tag: usize, toks: &[u32]| -> bool { matchers.borrow_mut().get_mut(&tag).is_some_and(|m| m.hit(toks)) };
     let mut on_done = |f: Finished| -> Result<()> {
+        matchers.borrow_mut().remove(&f.tag);
         let (id, i) = tags.borrow_mut().remove(&f.tag).expect("every tag was registered");
         let mut jobs = jobs.borrow_mut();
         let p = jobs.get_mut(&id).expect("a request outlives its samples");
@@ -429,7 +427,7 @@ fn route(front: &Frontend, req: &mut tiny_http::Request) -> Result<Value, ApiErr
     match (method, path.as_str()) {
         (tiny_http::Method::Get, "/v1/models") => Ok(json!({
             "object": "list",
-            "data": [{"id": front.names[0], "object": "model", "created": unix_now(), "owned_by": "bsa", "max_model_len": front.context}],
+            "data": [{"id": front.names[0], "object": "model", "created": unix_now(), "owned_by": "bsa", "max_model_len": front.max_model_len}],
         })),
         (tiny_http::Method::Post, "/v1/chat/completions") => {
             let mut body = Vec::new();
@@ -463,6 +461,8 @@ struct ChatBody {
     #[serde(default)]
     stream: bool,
     response_format: Option<Value>,
+    /// vLLM's extension: end-of-sequence tokens do not end a sample.
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -522,7 +522,7 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
     })?;
     let text = front.prompter.render_messages(&messages).map_err(|e| ApiError::bad(Some("messages"), format!("the chat template refused the messages: {e:#}")))?;
     let prompt = encode_prompt(&front.tokenizer, front.bos.as_ref().map(|(id, t)| (*id, t.as_str())), &text).map_err(|e| ApiError::bad(Some("messages"), format!("{e:#}")))?;
-    let room = front.context.min(front.cache_tokens).saturating_sub(prompt.len());
+    let room = front.max_model_len.saturating_sub(prompt.len());
     let max_tokens = match body.max_completion_tokens.or(body.max_tokens) {
         Some(t) if t < 1 || t > opts.max_tokens as i64 => {
             return Err(ApiError::bad(Some("max_tokens"), format!("max_tokens = {t} is out of range: 1 to {}", opts.max_tokens)));
@@ -530,10 +530,9 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
         Some(t) => t as usize,
         None => opts.max_tokens.min(room.max(1)),
     };
-    // The scheduler admits a prompt only when its blocks plus one per sample fit the whole
-    // cache; a request that never could is refused here rather than stopping the engine.
-    let blocks_needed = prompt.len().div_ceil(front.block_size) + n.min(opts.batch_size);
-    if prompt.len() + max_tokens > front.context.min(front.cache_tokens) || blocks_needed * front.block_size > front.cache_tokens {
+    // As vLLM does: a request that cannot reach its max_tokens under the length limit is
+    // refused rather than cut short.
+    if prompt.len() + max_tokens > front.max_model_len {
         return Err(ApiError {
             status: 400,
             kind: "invalid_request_error",
@@ -542,7 +541,7 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
             message: format!(
                 "the prompt ({} tokens) plus max_tokens ({max_tokens}) is over the {} tokens this server can hold for one sequence; shorten the messages or lower max_tokens",
                 prompt.len(),
-                front.context.min(front.cache_tokens)
+                front.max_model_len
             ),
         });
     }
@@ -569,7 +568,7 @@ fn chat_completion(front: &Frontend, raw: &[u8]) -> Result<Value, ApiError> {
     stats.peak_queued_samples.fetch_max(before + n, Ordering::SeqCst);
     let (tx, rx) = mpsc::channel();
     let prompt_tokens = prompt.len();
-    let sent = front.jobs.lock().unwrap().as_ref().map(|jobs| jobs.send(Job { prompt, samples, grammar, stop: stop.clone(), reply: tx }).is_ok()).unwrap_or(false);
+    let sent = front.jobs.lock().unwrap().as_ref().map(|jobs| jobs.send(Job { prompt, samples, grammar, stop: stop.clone(), ignore_eos: body.ignore_eos.unwrap_or(false), reply: tx }).is_ok()).unwrap_or(false);
     let finished = if sent { rx.recv().ok() } else { None };
     stats.queued_samples.fetch_sub(n, Ordering::SeqCst);
     let finished = finished.ok_or_else(|| {
@@ -612,10 +611,7 @@ fn completion_body(front: &Frontend, model: &str, prompt_tokens: usize, stop: &[
         .enumerate()
         .map(|(i, f)| {
             completion_tokens += f.tokens.len();
-            let mut text = front.tokenizer.decode(&f.tokens, false).unwrap_or_default();
-            if f.finish == scheduler::FinishReason::StopString {
-                StopStrings(stop).cut(&mut text);
-            }
+            let text = completion_text(&front.tokenizer, &f.tokens, stop, f.finish == scheduler::FinishReason::StopString).unwrap_or_default();
             let split = split_completion(&text, &front.think);
             let thinking = (!split.thinking.is_empty()).then_some(split.thinking);
             json!({
@@ -642,6 +638,8 @@ fn openai_finish_reason(f: scheduler::FinishReason) -> &'static str {
     match f {
         scheduler::FinishReason::Stop | scheduler::FinishReason::StopString | scheduler::FinishReason::GrammarComplete => "stop",
         scheduler::FinishReason::Length => "length",
+        // Not in OpenAI's list; vLLM reports an aborted sample as "abort", an engine error as "error".
+        scheduler::FinishReason::Error => "error",
     }
 }
 

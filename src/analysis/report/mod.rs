@@ -64,7 +64,7 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
     if sc.truncated > 0 {
         let _ = writeln!(
             s,
-            "  {} of {} sample(s) ({:.1}%) have no response (cut by the token limit): {} (--truncated {}); their thinking is judged as usual",
+            "  {} of {} sample(s) ({:.1}%) have no response (cut by the token limit, or their generation failed): {} (--truncated {}); their thinking is judged as usual",
             sc.truncated,
             sc.samples,
             100.0 * sc.truncated as f64 / sc.samples.max(1) as f64,

@@ -193,7 +193,7 @@ pub fn engine(
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + new_tokens;
     let block_size = 16;
     let blocks = (max_len.div_ceil(block_size) + 1) * batch.max(samples as usize) + 64;
-    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 2048, eos: Vec::new() };
+    let cfg = SchedulerConfig { max_batch: batch, prefill_chunk: 2048, eos: Vec::new(), max_model_len: None };
     // The cache in the weights' dtype on a GPU (as `bsa generate` does), f32 on the CPU.
     let kv_dtype = match (device.is_cpu(), m.description.dtype.as_str()) {
         (false, "bf16") => candle_core::DType::BF16,

@@ -47,7 +47,7 @@ pub fn bench(model: &str, device: &str, data: &str, kv_cache_mb: usize, clients:
         model: model.to_string(),
         port: 0,
         device: device.to_string(),
-        kv_cache_mb,
+        cache: bsa::backends::local::CacheSizing { kv_cache_mb: Some(kv_cache_mb), ..Default::default() },
         batch_size: most.max(1),
         max_queue: most.max(1) * 4,
         max_tokens,

@@ -28,7 +28,7 @@ use crate::data::Dataset;
 use crate::engine::sampler::StreamKey;
 use crate::progress::progress_bar_with_eta;
 use crate::prompt::Message;
-use crate::records::{Decoding, Item, SampleRecord, Scenario};
+use crate::records::{Decoding, FinishReason, Item, SampleRecord, Scenario};
 use crate::store::{self, JobSpec, OnExisting, RunDir};
 use crate::records::{LabelProbs, SafetyLabel, ThinkingLabel, Verdict};
 
@@ -212,7 +212,7 @@ fn round_requests(requests: &[Request], shapes: &HashMap<Family, Shape>) -> Vec<
         .enumerate()
         .map(|(tag, r)| {
             let shape = &shapes[&r.family];
-            let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens: shape.max_new_tokens, stop: Vec::new() };
+            let decoding = Decoding { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, max_new_tokens: shape.max_new_tokens, ignore_eos: false, stop: Vec::new() };
             backends::Request {
                 label: format!("judge request {tag}"),
                 messages: r.messages.clone(),
@@ -240,8 +240,11 @@ enum Read {
     /// The canonical label, and the labels' probabilities when the judge recorded them.
     Label(String, Option<LabelProbs>),
     Unreadable,
-    /// The judge server refused the request; its message.
+    /// The judge server (or the local engine: a prompt over its length limit) refused the
+    /// request; its message.
     Refused(String),
+    /// The judge's generation failed (finish reason `error`); the engine's message.
+    Failed(String),
 }
 
 /// Labels of one sample as they become final.
@@ -367,6 +370,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                     bail!("{}: the judge server refused the structured format (response_format): {message}; drop --judge-structured", opts.judge)
                 }
                 Some(message) => Read::Refused(message),
+                None if c.finish == FinishReason::Error => Read::Failed(c.error.unwrap_or_default()),
                 None => shape.read(r.family, &raw).map_or(Read::Unreadable, |l| Read::Label(l, shape.probs(r.family, c.label_probs.as_deref()))),
             };
             match read {
@@ -376,6 +380,11 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
                     summary.invalid_labels += 1;
                     summary.refused += 1;
                     settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(refused by the judge server: {message})"), None);
+                }
+                // A fault of the engine, not a reply to repair.
+                Read::Failed(message) => {
+                    summary.invalid_labels += 1;
+                    settle(&mut pending[r.sample], r.family, item.scenario, None, format!("(the judge's generation failed: {message})"), None);
                 }
                 Read::Unreadable if r.attempt < opts.retries => {
                     let mut messages = r.messages;
