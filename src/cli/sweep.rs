@@ -61,7 +61,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
         gs.skipped,
         gs.seconds
     );
-    print_judge_summary(run, &o.judged);
+    print_judge_summary(&o.judged);
     // scores.json as `bsa score` writes it: one scorecard per configuration.
     let label = run_label(&RunDir::read(run)?);
     let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();
