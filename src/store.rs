@@ -180,9 +180,12 @@ impl RunDir {
         if created {
             std::fs::create_dir_all(&path).map_err(|e| io_error("creating the run directory", &path, e))?;
         }
-        let lock = RunLock::acquire(&path, created);
-        let mut run = RunDir { path, manifest: Manifest::new(job.clone()), _lock: None };
-        run._lock = Some(lock.inspect_err(|_| if created { let _ = std::fs::remove_dir(&run.path); })?);
+        let lock = RunLock::acquire(&path, created).inspect_err(|_| {
+            if created {
+                let _ = std::fs::remove_dir(&path);
+            }
+        })?;
+        let mut run = RunDir { path, manifest: Manifest::new(job.clone()), _lock: Some(lock) };
         if run.path.join(MANIFEST).exists() {
             let mut m = read_manifest(&run.path)?;
             if replace_judge {
