@@ -101,7 +101,7 @@ pub fn resolve_model_file(repo_id: &str, file: &str) -> Result<Option<PathBuf>> 
         true,
         &format!("the model {repo_id}"),
         &format!("huggingface-cli download {repo_id}"),
-        "a local directory or .gguf file to --model",
+        "a local model directory or .gguf file instead",
     )?;
     match api.repo(repo).get(file) {
         Ok(p) => Ok(Some(p)),

@@ -17,7 +17,8 @@ fn main() {
     }
     let cli = cli::Cli::parse();
     if let Err(e) = cli::run(cli) {
-        eprintln!("error: {e:#}");
+        // The causes, without the backtraces candle writes into them under RUST_BACKTRACE.
+        eprintln!("error: {}", cli::error_chain(&e));
         std::process::exit(1);
     }
 }

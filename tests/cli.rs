@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 mod common;
-use common::{bsa, bsa_env, fails, json, ok, temp_path, write_file};
+use common::{bsa, bsa_env, copy_dir, fails, json, ok, temp_path, write_file};
 
 /// The real benchmark, or None with a loud note (CI sets BSA_REQUIRE_REAL_DATA=1 to fail instead).
 fn real_dataset() -> Option<PathBuf> {
@@ -18,14 +18,6 @@ fn real_dataset() -> Option<PathBuf> {
     }
     eprintln!("\n*** SKIPPED: the real BSA dataset is absent at {} (tests on it did not run) ***\n", p.display());
     None
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]
@@ -257,7 +249,7 @@ fn strict_refuses_short_items_and_bad_options_are_named() {
     let e = fails(&bsa(&["score", "--official-csv", csv.to_str().unwrap(), "--strict"]));
     assert!(e.contains("--strict") && e.contains("a"), "{e}");
     let e = fails(&bsa(&["score", "--official-csv", csv.to_str().unwrap(), "--f-alpha", "2"]));
-    assert!(e.contains("--f-alpha 2"), "{e}");
+    assert!(e.contains("'2' for '--f-alpha") && e.contains("[0, 1]"), "{e}");
     let e = fails(&bsa(&["score", dir.path().join("nope").to_str().unwrap()]));
     assert!(e.contains("not a run directory"), "{e}");
 }

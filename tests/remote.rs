@@ -429,10 +429,11 @@ fn a_structured_remote_judge_sends_the_schema_and_a_refused_schema_is_explained(
     let o = bsa(&["judge", out2.to_str().unwrap(), "--judge", &judge, "--judge-structured", "--quiet"], "k");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(records(&v2).len(), 4);
-    // With verdicts written, another judge is refused, with advice a judge can follow.
+    // With verdicts written, another judge is refused, with advice a judge can follow: a
+    // command that exists.
     let o = bsa(&["judge", out2.to_str().unwrap(), "--judge", &judge, "--quiet"], "k");
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("job.judge") && stderr.contains("judge a copy") && !stderr.contains("--new-run"), "{stderr}");
+    assert!(!o.status.success() && stderr.contains("job.judge") && stderr.contains(&format!("bsa judge {} --new-run", out2.display())), "{stderr}");
 }
 
 fn json_list(items: &[&str]) -> Value {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -432,20 +432,16 @@ pub fn write_sheet(path: &Path, rows: &[Disagreement]) -> Result<()> {
     if path.exists() {
         bail!("{} already exists (it may hold review labels); choose another --sheet path", path.display());
     }
-    let tmp = path.with_extension("csv.tmp");
-    {
-        let mut w = csv::Writer::from_path(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        for r in rows {
-            w.serialize(r)?;
-        }
-        if rows.is_empty() {
-            // An empty sheet still says what its columns are.
-            w.write_record(["item_id", "sample_index", "config", "scenario", "family", "label_a", "label_b", "query", "risk_summary", "thinking", "response", "raw_a", "raw_b", "human_label", "note"])?;
-        }
-        w.flush()?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r)?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    if rows.is_empty() {
+        // An empty sheet still says what its columns are.
+        w.write_record(["item_id", "sample_index", "config", "scenario", "family", "label_a", "label_b", "query", "risk_summary", "thinking", "response", "raw_a", "raw_b", "human_label", "note"])?;
+    }
+    let csv = w.into_inner().map_err(|e| anyhow::anyhow!("writing the sheet: {e}"))?;
+    crate::store::write_atomic(path, &csv)
 }
 
 fn num(x: f64, prec: usize) -> String {

@@ -11,7 +11,7 @@ pub mod local;
 pub mod openai;
 pub mod preset;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use crate::engine::sampler::{SamplingParams, StreamKey};
@@ -266,6 +266,80 @@ pub fn open(spec: &str, flag: &str, prompt: &PromptSettings, local: &local::Loca
     }
     let model = spec.strip_prefix("local:").unwrap_or(spec);
     Ok(Box::new(local::LocalBackend::open(model, prompt, local)?))
+}
+
+/// Checks `spec` as [`open`] takes it, without loading the weights or calling a server: the
+/// form of `openai:MODEL@BASE_URL` and its API key variable; for the local engine, that the
+/// .gguf file (or the preset's) has a readable header and holds every tensor it lists, or
+/// that the model directory (or the hub model, from the cache or fetched) has a valid
+/// config.json, a tokenizer.json and weights. It takes well under a second: `bsa eval` and
+/// `bsa sweep` check their judge with it before hours of generation; `flag` names the
+/// option in errors.
+pub fn check(spec: &str, flag: &str, remote: &openai::ClientOptions) -> Result<()> {
+    if spec.starts_with("openai:") {
+        openai::Client::new(openai::Endpoint::parse(spec, flag)?, remote.clone())?;
+        return Ok(());
+    }
+    let model = spec.strip_prefix("local:").unwrap_or(spec);
+    let path = std::path::Path::new(model);
+    if !path.exists() && preset::find(model).is_none() {
+        if model.ends_with(".gguf") || model.starts_with('.') || model.starts_with('/') || model.split('/').count() > 2 {
+            bail!("{flag} {spec}: no such file or directory; check the path");
+        }
+        if model.split('/').count() != 2 || model.split('/').any(str::is_empty) {
+            bail!("{flag} {spec:?} is not a file, a model directory, a preset (see `bsa models`) or a hub id OWNER/NAME");
+        }
+    }
+    let (source, _) = local::resolve(model).with_context(|| format!("{flag} {spec}"))?;
+    match source {
+        local::ModelSource::Gguf(p) => check_gguf(&p).with_context(|| format!("{flag} {spec}")),
+        local::ModelSource::Dir(d) => {
+            let file = |name: &str| Ok(Some(d.join(name)).filter(|p| p.exists()));
+            check_model_files(&d.display().to_string(), file, d.read_dir().map_or(false, |mut r| r.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "safetensors")))))
+                .with_context(|| format!("{flag} {spec}"))
+        }
+        // A hub model's weights are resolved at load (possibly downloaded); its small files now.
+        local::ModelSource::Hub(id) => check_model_files(&id, |name| crate::hub::resolve_model_file(&id, name), true).with_context(|| format!("{flag} {spec}")),
+    }
+}
+
+/// A GGUF file's header, metadata and tensor table, and that the file is long enough for
+/// every tensor (a cut-off download fails here, not at load).
+fn check_gguf(p: &std::path::Path) -> Result<()> {
+    use candle_core::quantized::gguf_file::Content;
+    let mut f = std::fs::File::open(p).map_err(|e| anyhow!("cannot read {}: {e}; check the path", p.display()))?;
+    let mut magic = [0u8; 4];
+    std::io::Read::read_exact(&mut f, &mut magic).map_err(|e| anyhow!("cannot read {}: {e}; give a .gguf model file", p.display()))?;
+    if &magic != b"GGUF" {
+        bail!("{} is not a GGUF file (it starts with {:?}, not \"GGUF\"); give a .gguf model file", p.display(), String::from_utf8_lossy(&magic));
+    }
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut r = std::io::BufReader::new(f);
+    std::io::Seek::rewind(&mut r)?;
+    let content = Content::read(&mut r).map_err(|e| anyhow!("{}: not a readable GGUF file ({e}); download it again", p.display()))?;
+    for (name, t) in &content.tensor_infos {
+        let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset + t.offset + bytes;
+        if end > len {
+            bail!("{} is cut short: tensor {name} ends at byte {end}, the file has {len} bytes; download it again", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// A model directory's (or hub model's) config.json parses, and a tokenizer.json and weights
+/// are there.
+fn check_model_files(label: &str, file: impl Fn(&str) -> Result<Option<std::path::PathBuf>>, has_weights: bool) -> Result<()> {
+    let need = "a model directory needs config.json, tokenizer.json, tokenizer_config.json and *.safetensors";
+    let config = file("config.json")?.ok_or_else(|| anyhow!("{label}: no config.json; {need}"))?;
+    let text = std::fs::read_to_string(&config).map_err(|e| anyhow!("cannot read {}: {e}", config.display()))?;
+    crate::engine::config::ModelConfig::from_hf_config(&text).with_context(|| config.display().to_string())?;
+    let tokenizer = file("tokenizer.json")?.ok_or_else(|| anyhow!("{label}: no tokenizer.json; {need}"))?;
+    tokenizers::Tokenizer::from_file(&tokenizer).map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tokenizer.display()))?;
+    if !has_weights {
+        bail!("{label}: no *.safetensors weights; {need}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub struct SelectArgs {
     #[arg(long)]
     pub category: Vec<String>,
     /// Keep the first N items (after the filters above, before sharding).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = positive)]
     pub limit: Option<usize>,
     /// Keep only the ids listed in FILE (one per line, # comments allowed).
     #[arg(long, value_name = "FILE")]
@@ -63,29 +63,29 @@ pub struct RunArgs {
     #[command(flatten)]
     pub select: SelectArgs,
     /// Samples per query, and per configuration in a sweep (k of the metrics; the paper uses 5).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive_u32)]
     pub samples: u32,
     /// Seed of the per-sample random streams (seed, item id, sample index).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = seed)]
     pub seed: u64,
     /// Most new tokens per sample. Default: the preset's, else 4096.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub max_new_tokens: Option<usize>,
     /// Stop a sample when its text contains this string (repeatable).
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub stop: Vec<String>,
     /// End-of-sequence tokens do not end a sample: every sample runs to --max-new-tokens (or
     /// --max-model-len). A benchmark and stress setting, recorded with the decoding.
     #[arg(long)]
     pub ignore_eos: bool,
     /// Most sequences decoding at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub batch_size: usize,
     /// Most prompt tokens prefilled per step.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub prefill_chunk: usize,
     /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub block_size: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -112,22 +112,22 @@ pub struct EngineArgs {
     /// Memory for the KV cache, in MiB. Default: sized from the device: on a GPU
     /// --gpu-memory-utilization of its memory less what the weights take, on the CPU a quarter
     /// of the RAM available (at most 4 GiB).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub kv_cache_mb: Option<usize>,
     /// On a GPU, the share of the device's memory the engine may use, weights and KV cache
     /// together (vLLM's setting of the same name), in (0, 1].
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = utilization)]
     pub gpu_memory_utilization: f64,
     /// Most tokens of one sequence, prompt and generated; a sample that reaches it ends with
     /// finish reason `length`. Default: the model's context, or what the KV cache holds for
     /// one sequence when that is less.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub max_model_len: Option<usize>,
     /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = device)]
     pub device: String,
     /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16; GGUF weights keep their quantization.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = dtype)]
     pub dtype: String,
     /// Compute every prompt in full: no automatic prefix caching in the local engine (which
     /// reuses the KV blocks of prompt prefixes computed before, e.g. a judge rubric's
@@ -157,14 +157,14 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "NAME")]
     pub api_key_env: Option<String>,
     /// Requests in flight at once to the server.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub concurrency: usize,
     /// Seconds one request may take before it is retried.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = positive_u64)]
     pub request_timeout: u64,
     /// Retries of a request after a 429, a 5xx, a timeout or a broken connection
     /// (exponential backoff with jitter; the server's Retry-After wins).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count_u32)]
     pub http_retries: u32,
 }
 
@@ -234,7 +234,7 @@ pub struct JudgeOpts {
     pub judge_prompts: Option<PathBuf>,
     /// Most tokens of one free judge reply (--judge-format free, or a server without
     /// --judge-structured), and of a server's structured reply.
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 384, value_parser = positive)]
     pub judge_max_new_tokens: usize,
     /// The judge reply's shape. rubric: a short analysis, then the rubric's JSON object with
     /// one of its labels (the paper's protocol: reasoning before the verdict); label: the
@@ -245,7 +245,7 @@ pub struct JudgeOpts {
     pub judge_format: ReplyFormat,
     /// Most tokens of the analysis before the label under --judge-format rubric (a server
     /// with --judge-structured: 4 characters a token, the schema's maxLength).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = count)]
     pub judge_analysis_tokens: usize,
     /// A server judge (openai:): send the reply's shape as response_format with a JSON
     /// schema whose label is an enum of the rubric's labels (OpenAI, vLLM and SGLang
@@ -253,18 +253,18 @@ pub struct JudgeOpts {
     #[arg(long)]
     pub judge_structured: bool,
     /// How often an unreadable judge reply is asked again before it is recorded as invalid.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count_u32)]
     pub judge_retries: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct ScoreOpts {
     /// k of Safe@k / Think@k (the paper samples 5 times per query).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     pub k: usize,
     /// Exponent a of F = Think@1^a * Safe@1^(1-a). Default: the authors' scorer value;
     /// their published leaderboard fits 0.610.
-    #[arg(long, default_value_t = AUTHORS_F_ALPHA)]
+    #[arg(long, default_value_t = AUTHORS_F_ALPHA, value_parser = f_alpha)]
     pub f_alpha: f64,
     #[command(flatten)]
     pub bootstrap: BootstrapArgs,
@@ -306,13 +306,13 @@ impl OutputArgs {
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
     /// Bootstrap resamples (items resampled within each scenario) for the intervals (0 = none).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = count)]
     pub resamples: usize,
     /// Seed of the bootstrap (fixed so that reruns print the same intervals).
-    #[arg(long, default_value_t = ScoreOptions::default().seed)]
+    #[arg(long, default_value_t = ScoreOptions::default().seed, value_parser = seed)]
     pub bootstrap_seed: u64,
     /// Confidence level of the intervals.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = confidence)]
     pub confidence: f64,
 }
 
@@ -328,5 +328,122 @@ impl ScoreOpts {
             invalid: self.invalid,
             truncated: self.truncated.unwrap_or_default(),
         }
+    }
+}
+
+// Value parsers with each flag's allowed range. clap applies them as it reads the command
+// line, before the command does anything, and its message names the flag and the value:
+// "invalid value '0' for '--batch-size <BATCH_SIZE>': must be a whole number from 1 up".
+
+fn whole<T: std::str::FromStr>(s: &str, range: &str) -> Result<T, String> {
+    s.trim().parse().map_err(|_| format!("must be a whole number {range}"))
+}
+
+/// A count that may be 0 (top-k: off; retries: none).
+pub fn count(s: &str) -> Result<usize, String> {
+    whole(s, "from 0 up")
+}
+
+/// [`count`] as a u32.
+pub fn count_u32(s: &str) -> Result<u32, String> {
+    whole(s, "from 0 to 4294967295")
+}
+
+/// A seed: any whole number that fits in 64 bits.
+pub fn seed(s: &str) -> Result<u64, String> {
+    whole(s, "from 0 to 18446744073709551615")
+}
+
+/// A count: 1 or more.
+pub fn positive(s: &str) -> Result<usize, String> {
+    whole::<usize>(s, "from 1 up").and_then(|n| if n >= 1 { Ok(n) } else { Err("must be a whole number from 1 up".into()) })
+}
+
+/// [`positive`] as a u32 (samples, n).
+pub fn positive_u32(s: &str) -> Result<u32, String> {
+    whole::<u32>(s, "from 1 to 4294967295").and_then(|n| if n >= 1 { Ok(n) } else { Err("must be a whole number from 1 to 4294967295".into()) })
+}
+
+/// [`positive`] as a u64 (seconds).
+pub fn positive_u64(s: &str) -> Result<u64, String> {
+    whole::<u64>(s, "from 1 up").and_then(|n| if n >= 1 { Ok(n) } else { Err("must be a whole number from 1 up".into()) })
+}
+
+/// A real number in a range, given as a check and its description.
+fn real<T: std::str::FromStr + Copy + Into<f64>>(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<T, String> {
+    let x: T = s.trim().parse().map_err(|_| format!("must be a number {range}"))?;
+    if x.into().is_finite() && ok(x.into()) { Ok(x) } else { Err(format!("must be a number {range}")) }
+}
+
+/// A sampling temperature: 0 (greedy) or more.
+pub fn temperature(s: &str) -> Result<f32, String> {
+    real(s, |x| x >= 0.0, "from 0 (greedy) up")
+}
+
+/// Top-p: in (0, 1].
+pub fn top_p(s: &str) -> Result<f32, String> {
+    real(s, |x| x > 0.0 && x <= 1.0, "in (0, 1]: above 0, at most 1 (1 = off)")
+}
+
+/// Min-p: in [0, 1).
+pub fn min_p(s: &str) -> Result<f32, String> {
+    real(s, |x| (0.0..1.0).contains(&x), "in [0, 1): at least 0 (off), below 1")
+}
+
+/// A share of a device's memory: in (0, 1].
+pub fn utilization(s: &str) -> Result<f64, String> {
+    real(s, |x| x > 0.0 && x <= 1.0, "in (0, 1]: above 0, at most 1 (0.9 is usual)")
+}
+
+/// A confidence level: strictly between 0 and 1.
+pub fn confidence(s: &str) -> Result<f64, String> {
+    real(s, |x| x > 0.0 && x < 1.0, "strictly between 0 and 1, e.g. 0.95")
+}
+
+/// The F-score's exponent: in [0, 1].
+pub fn f_alpha(s: &str) -> Result<f64, String> {
+    real(s, |x| (0.0..=1.0).contains(&x), &format!("in [0, 1]; the authors' scorer uses {AUTHORS_F_ALPHA}, their leaderboard fits 0.610"))
+}
+
+/// A text that must not be empty (a stop string: an empty one would match at once).
+pub fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() { Err("must not be empty".into()) } else { Ok(s.to_string()) }
+}
+
+/// A device name: auto, cpu, cuda, cuda:N or metal (whether it is there is checked when the
+/// engine starts).
+pub fn device(s: &str) -> Result<String, String> {
+    let ok = matches!(s, "auto" | "cpu" | "cuda" | "metal") || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    if ok { Ok(s.to_string()) } else { Err("must be auto, cpu, cuda, cuda:N (N the GPU's index) or metal".into()) }
+}
+
+/// A weights dtype: auto, f32, bf16 or f16.
+pub fn dtype(s: &str) -> Result<String, String> {
+    if matches!(s, "auto" | "f32" | "bf16" | "f16") { Ok(s.to_string()) } else { Err("must be auto, f32, bf16 or f16".into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_accept_their_range_and_name_it_otherwise() {
+        assert_eq!(positive("3"), Ok(3));
+        assert!(positive("0").unwrap_err().contains("from 1 up"));
+        assert!(positive("-1").unwrap_err().contains("from 1 up"));
+        assert!(positive_u32("4294967296").unwrap_err().contains("4294967295"));
+        assert_eq!(temperature("0"), Ok(0.0));
+        for bad in ["-0.1", "nan", "inf", "x"] {
+            assert!(temperature(bad).unwrap_err().contains("from 0"), "{bad}");
+        }
+        assert_eq!(top_p("1"), Ok(1.0));
+        assert!(top_p("0").is_err() && top_p("1.5").is_err());
+        assert_eq!(min_p("0"), Ok(0.0));
+        assert!(min_p("1").unwrap_err().contains("[0, 1)"));
+        assert!(confidence("1").is_err() && confidence("0").is_err() && confidence("0.9").is_ok());
+        assert!(f_alpha("1").is_ok() && f_alpha("1.01").unwrap_err().contains("[0, 1]"));
+        assert!(non_empty("").is_err());
+        assert!(device("cuda:1").is_ok() && device("cuda:x").is_err() && device("gpu").is_err());
+        assert!(dtype("bf16").is_ok() && dtype("f64").is_err());
     }
 }

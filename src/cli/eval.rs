@@ -30,7 +30,7 @@ pub(super) fn run(a: EvalArgs) -> Result<()> {
     let run = generate(a.generate)?;
     let opts = judge_options(&a.judge, run.clone(), None, batch, &engine, quiet, &remote);
     let s = bsa::pipeline::judge::run::judge(&opts)?;
-    print_judge_summary(&run, &s);
+    print_judge_summary(&s);
     let dir = RunDir::read(&run)?;
     let cards = score_run(&dir, &score_opts)?;
     store::write_json_atomic(&run.join(store::SCORES), &cards)?;

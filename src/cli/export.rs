@@ -8,7 +8,7 @@ use clap::Args;
 use bsa::analysis::judged_run::{run_label, run_verdicts};
 use bsa::data::official;
 use bsa::records::Verdict;
-use bsa::store::RunDir;
+use bsa::store::{self, RunDir};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -29,7 +29,8 @@ pub(super) fn run(a: ExportArgs) -> Result<()> {
     if a.official_csv.exists() {
         bail!("{} already exists; choose another path (nothing was written)", a.official_csv.display());
     }
-    let rows = official::write(&a.official_csv, &groups)?;
+    let (csv, rows) = official::to_csv(&groups)?;
+    store::write_atomic(&a.official_csv, &csv)?;
     eprintln!("wrote {rows} rows to {}", a.official_csv.display());
     let unreadable: usize = groups.iter().flat_map(|(_, vs)| vs).map(|v| v.safety.is_none() as usize + v.thinking.is_none() as usize).sum();
     if unreadable > 0 {

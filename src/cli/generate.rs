@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::RunArgs;
+use super::args::{count, min_p, temperature, top_p, RunArgs};
 use bsa::pipeline::decoding::DecodingOverrides;
 use bsa::pipeline::generate::{self as generation};
 use bsa::store;
@@ -15,16 +15,16 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// Sampling temperature (0 = greedy). Default: the preset's, else 0.6.
-    #[arg(long)]
+    #[arg(long, value_parser = temperature)]
     pub temperature: Option<f32>,
     /// Nucleus sampling mass (1 = off). Default: the preset's, else 0.95.
-    #[arg(long)]
+    #[arg(long, value_parser = top_p)]
     pub top_p: Option<f32>,
     /// Keep the k most likely tokens (0 = off). Default: the preset's, else 0.
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub top_k: Option<usize>,
     /// Drop tokens below min_p times the top probability (0 = off).
-    #[arg(long)]
+    #[arg(long, value_parser = min_p)]
     pub min_p: Option<f32>,
     /// Generate through an OpenAI-compatible server instead of the local engine:
     /// openai:MODEL@BASE_URL (vLLM, SGLang, llama.cpp server, bsa serve, a hosted API).

@@ -1,11 +1,11 @@
 //! `bsa judge`: label every sample of a run with a judge model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{EngineArgs, JudgeOpts, RemoteArgs};
+use super::args::{positive, EngineArgs, JudgeOpts, RemoteArgs};
 use bsa::pipeline::judge::run::{self as judge_run, JudgeOptions, JudgeSummary};
 
 #[derive(Debug, Args)]
@@ -19,10 +19,16 @@ pub struct JudgeArgs {
     /// The data file, if it moved since generation (it must be the same file, by sha256).
     #[arg(long)]
     pub data: Option<String>,
-    #[arg(long, default_value_t = 16)]
+    /// Most judge requests decoding at once (local judge).
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub batch_size: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// If RUN holds verdicts, leave them: copy its samples to RUN-2 (RUN-3, ...) and judge
+    /// the copy. To judge a run again with other judge settings.
+    #[arg(long)]
+    pub new_run: bool,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -40,12 +46,14 @@ pub(super) fn judge_options(j: &JudgeOpts, run: PathBuf, data: Option<String>, b
         // A judge's prompts are short and every request is one sample: the defaults serve.
         local: engine.local(batch_size, 512, 16, None),
         run,
+        new_run: false,
         progress: !quiet,
         remote: remote.options(),
     }
 }
 
-pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
+pub(super) fn print_judge_summary(s: &JudgeSummary) {
+    let run = &s.run;
     if s.written == 0 {
         outln!("{}: all {} samples were already judged; nothing to do", run.display(), s.skipped);
     } else {
@@ -66,8 +74,11 @@ pub(super) fn print_judge_summary(run: &Path, s: &JudgeSummary) {
 }
 
 pub(super) fn run(a: JudgeArgs) -> Result<()> {
-    let opts = judge_options(&a.judge, a.run.clone(), a.data, a.batch_size, &a.engine, a.quiet, &a.remote);
+    let opts = JudgeOptions { new_run: a.new_run, ..judge_options(&a.judge, a.run, a.data, a.batch_size, &a.engine, a.quiet, &a.remote) };
     let s = judge_run::judge(&opts)?;
-    print_judge_summary(&a.run, &s);
+    if s.run != opts.run {
+        outln!("{} holds verdicts: judged a copy of its samples, {}", opts.run.display(), s.run.display());
+    }
+    print_judge_summary(&s);
     Ok(())
 }

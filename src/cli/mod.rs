@@ -50,6 +50,44 @@ pub(crate) fn write_stdout(args: std::fmt::Arguments) {
     }
 }
 
+/// An error as one line of causes, outermost first ("reading X: parsing Y: bad value"), as
+/// `{:#}` prints it, but without the backtraces some causes write into their own message
+/// (candle's errors do when RUST_BACKTRACE is set): the message is the same in every
+/// environment.
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
+    e.chain().map(|c| without_backtrace(&c.to_string())).filter(|c| !c.is_empty()).collect::<Vec<_>>().join(": ")
+}
+
+/// `text` without the lines of a std backtrace: frames ("  12: candle_core::error::Error::bt"),
+/// their locations ("at /path/file.rs:260:25") and the headers around them.
+fn without_backtrace(text: &str) -> String {
+    let frame = |l: &str| {
+        let t = l.trim_start();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        (digits > 0 && t[digits..].starts_with(": ") && l.starts_with(' '))
+            || (t.starts_with("at ") && l.starts_with("  ") && t.rsplit(':').next().is_some_and(|c| c.bytes().all(|b| b.is_ascii_digit())))
+            || t == "stack backtrace:"
+            || t.starts_with("note: Some details are omitted")
+            || t == "<unknown>"
+    };
+    // The backtrace stands on lines of its own inside the message ("{inner}\n{backtrace}"),
+    // so the text after it joins the text before it again.
+    let mut out = String::new();
+    let mut cut = false;
+    for line in text.lines() {
+        if frame(line) {
+            cut = true;
+            continue;
+        }
+        if !out.is_empty() && !cut {
+            out.push('\n');
+        }
+        out.push_str(if cut { line.trim_start() } else { line });
+        cut = false;
+    }
+    out.trim().to_string()
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bsa",
@@ -130,4 +168,22 @@ pub fn run(cli: Cli) -> Result<()> {
 /// A note for timings printed by a debug build.
 fn debug_note() -> &'static str {
     if cfg!(debug_assertions) { "  [debug build: use --release for real numbers]" } else { "" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_prints_without_backtrace_lines() {
+        let bt = "   0: candle_core::error::Error::bt\n             at /root/.cargo/registry/src/candle-core-0.11.1/src/error.rs:260:25\n   1: <unknown>\n  12: std::rt::lang_start\n             at /rustc/abc/library/std/src/rt.rs:206:5\n";
+        let e = anyhow::anyhow!("cannot read the header\n{bt}").context("loading model.gguf");
+        assert_eq!(error_chain(&e), "loading model.gguf: cannot read the header");
+        // A candle error written into the middle of a message: the text around it joins up.
+        let e = anyhow::anyhow!("model.gguf: not a GGUF file (too short\n{bt}); check the file");
+        assert_eq!(error_chain(&e), "model.gguf: not a GGUF file (too short); check the file");
+        // Ordinary messages, file:line references included, are kept whole.
+        let e = anyhow::anyhow!("data.csv:3: field \"label\" is empty\nfix the row").context("reading data.csv");
+        assert_eq!(error_chain(&e), "reading data.csv: data.csv:3: field \"label\" is empty\nfix the row");
+    }
 }

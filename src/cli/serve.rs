@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::args::EngineArgs;
+use super::args::{positive, positive_u32, EngineArgs};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -23,21 +23,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "KEY", env = "BSA_SERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Most sequences decoding at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub batch_size: usize,
     /// Most prompt tokens prefilled per step.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub prefill_chunk: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Most samples queued or decoding at once; requests beyond it get 429 (retry later).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     pub max_queue: usize,
     /// Most samples per request (n).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive_u32)]
     pub max_n: u32,
     /// Most new tokens per sample (max_tokens), also the default when a request has none.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     pub max_tokens: usize,
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{JudgeOpts, RunArgs, ScoreOpts};
+use super::args::{count, min_p, temperature, top_p, JudgeOpts, RunArgs, ScoreOpts};
 use super::generate::{generate_options, GenerateArgs};
 use super::judge::{judge_options, print_judge_summary};
 use bsa::analysis::judged_run::{run_label, JudgedRun};
@@ -18,16 +18,16 @@ use bsa::store::{self, RunDir};
 #[derive(Debug, Args)]
 pub struct SweepArgs {
     /// Temperatures to sweep, e.g. 0.2,0.6,1.0 (default: the preset's single value).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = temperature)]
     pub temperature: Vec<f32>,
     /// Top-p values to sweep, e.g. 0.8,0.95,1.0.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = top_p)]
     pub top_p: Vec<f32>,
     /// Top-k values to sweep (0 = off), e.g. 0,20,50.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = count)]
     pub top_k: Vec<usize>,
     /// Min-p values to sweep; when given, configuration names get an _m suffix.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = min_p)]
     pub min_p: Vec<f32>,
     /// Everything else as for `bsa generate` (its --temperature/--top-p/--top-k/--min-p
     /// are replaced by the lists above).
@@ -61,7 +61,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
         gs.skipped,
         gs.seconds
     );
-    print_judge_summary(run, &o.judged);
+    print_judge_summary(&o.judged);
     // scores.json as `bsa score` writes it: one scorecard per configuration.
     let label = run_label(&RunDir::read(run)?);
     let cards: BTreeMap<String, Scorecard> = o.results.configs.iter().map(|c| (format!("{label}@{}", c.name), c.scorecard.clone())).collect();

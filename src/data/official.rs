@@ -192,10 +192,10 @@ fn exact_or_variant(label: &str, value: &str, column: &str, labels: Labels, vari
     labels == Labels::Lenient
 }
 
-/// Writes verdicts in the authors' format, one model name per group; invalid labels
-/// become empty fields. Returns the number of rows written.
-pub fn write(path: &Path, groups: &[(String, Vec<Verdict>)]) -> Result<usize> {
-    let mut w = csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+/// Verdicts in the authors' format, one model name per group; invalid labels become empty
+/// fields. Returns the CSV text and its number of rows (the caller writes it, atomically).
+pub fn to_csv(groups: &[(String, Vec<Verdict>)]) -> Result<(Vec<u8>, usize)> {
+    let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(COLUMNS)?;
     let mut rows = 0;
     for (model_name, verdicts) in groups {
@@ -210,8 +210,7 @@ pub fn write(path: &Path, groups: &[(String, Vec<Verdict>)]) -> Result<usize> {
             rows += 1;
         }
     }
-    w.flush()?;
-    Ok(rows)
+    Ok((w.into_inner().map_err(|e| anyhow::anyhow!("writing the CSV: {e}"))?, rows))
 }
 
 #[cfg(test)]
@@ -235,7 +234,7 @@ mod tests {
         assert_eq!(m[0].thinking, Some(ThinkingLabel::True));
         assert_eq!(by_model["n"][0].thinking, None);
         let out = dir.path().join("back.csv");
-        write(&out, &[("m".to_string(), m.clone())]).unwrap();
+        std::fs::write(&out, to_csv(&[("m".to_string(), m.clone())]).unwrap().0).unwrap();
         assert_eq!(read(&out, None, Labels::Exact).unwrap().by_model["m"], *m.iter().map(|v| Verdict { judge: format!("official-csv:{}", out.display()), ..v.clone() }).collect::<Vec<_>>());
     }
 

@@ -69,12 +69,9 @@ pub fn config_name(d: &Decoding, with_min_p: bool) -> String {
 }
 
 impl DecodingGrid {
-    /// Every configuration, temperature outermost, in a stable order; `base` supplies the
-    /// parameters not swept and max_new_tokens / stop.
-    pub fn configs(&self, base: &Decoding) -> Result<Vec<(String, Decoding)>> {
-        fn or_base<T: Copy>(v: &[T], b: T) -> Vec<T> {
-            if v.is_empty() { vec![b] } else { v.to_vec() }
-        }
+    /// The checks that need no model: each value of each axis once. `bsa sweep` runs them
+    /// before it loads the model; [`DecodingGrid::configs`] again.
+    pub fn check(&self) -> Result<()> {
         fn no_repeats<T: PartialEq + std::fmt::Display>(flag: &str, v: &[T]) -> Result<()> {
             for (i, x) in v.iter().enumerate() {
                 if v[..i].contains(x) {
@@ -86,7 +83,16 @@ impl DecodingGrid {
         no_repeats("temperature", &self.temperature)?;
         no_repeats("top-p", &self.top_p)?;
         no_repeats("top-k", &self.top_k)?;
-        no_repeats("min-p", &self.min_p)?;
+        no_repeats("min-p", &self.min_p)
+    }
+
+    /// Every configuration, temperature outermost, in a stable order; `base` supplies the
+    /// parameters not swept and max_new_tokens / stop.
+    pub fn configs(&self, base: &Decoding) -> Result<Vec<(String, Decoding)>> {
+        fn or_base<T: Copy>(v: &[T], b: T) -> Vec<T> {
+            if v.is_empty() { vec![b] } else { v.to_vec() }
+        }
+        self.check()?;
         let with_min_p = !self.min_p.is_empty();
         let mut out = Vec::new();
         for &temperature in &or_base(&self.temperature, base.temperature) {

@@ -89,6 +89,8 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
 /// samples are those a plain run with its parameters would produce.
 pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Result<GenerateSummary> {
     let (dataset, items) = selected_items(opts)?;
+    // A resume with other data, selection, samples or seed is refused before a model loads.
+    RunDir::check(&opts.out, &job_base(&dataset, opts)?, opts.on_existing)?;
     let rules = opts.safety_rules.as_deref().map(SafetyRules::load).transpose()?;
     let settings = PromptSettings { system: SafetyRules::system_text(rules.as_ref(), opts.prompt.system.as_deref()), ..opts.prompt.clone() };
     let (spec, flag) = match &opts.backend {
@@ -113,8 +115,8 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     };
     let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;
     run.manifest.device = Some(backend.device());
+    // Written with the first sample (a run that writes nothing stays as it was).
     run.manifest.engine = backend.cache_plan().map(backends::local::CachePlan::manifest_entry);
-    run.save_manifest()?;
     if let (true, Some(plan)) = (opts.progress, backend.cache_plan()) {
         eprintln!("{}", plan.describe());
     }
@@ -128,7 +130,8 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     }
 
     let bar = progress_bar_with_eta(opts.progress, work.samples.len() as u64, "samples");
-    let mut appender = log.appender()?;
+    // The manifest, with this command, is written with the first sample.
+    let mut appender = run.appender(&log)?;
     let think = backend.think();
     let start = Instant::now();
     let mut decoded_tokens = 0usize;
@@ -173,6 +176,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
             bar.set_message(format!("{:.1} tok/s, {} running", decoded_tokens as f64 / secs, p.running));
         },
     );
+    let closed = appender.close();
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
     summary.prefill = prefill;
@@ -180,6 +184,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
     result.with_context(|| {
         format!("generating through {}: {} samples were written and are kept; run the same command again to resume", backend.location(), summary.written)
     })?;
+    closed?;
     Ok(summary)
 }
 
@@ -239,7 +244,7 @@ fn job_base(dataset: &Dataset, opts: &GenerateOptions) -> Result<JobSpec> {
 /// The data and the items a generation works on, refusing an empty job.
 fn selected_items(opts: &GenerateOptions) -> Result<(Dataset, Vec<Item>)> {
     if opts.samples == 0 {
-        bail!("--samples must be at least 1 (the paper uses 5)");
+        bail!("--samples 0: must be at least 1 (the paper uses 5)");
     }
     let dataset = Dataset::load(&opts.data)?;
     let items = dataset.select(&opts.selection)?;

@@ -39,6 +39,7 @@ pub struct SweepOutcome {
 /// and writes sweep.json. Each stage resumes.
 pub fn sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
     opts.score.validate()?;
+    opts.grid.check()?;
     // The judge's settings are checked before the grid is generated, not after.
     super::judge::run::check_options(&opts.judge)?;
     let generated = generate_grid(&opts.generate, Some(&opts.grid))?;

@@ -51,6 +51,15 @@ pub fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// Copies the files of `from` (a run directory: no subdirectories) into `to`, created.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 /// Writes `content` to the file `name` in `dir` and returns its path.
 pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);

@@ -599,12 +599,8 @@ pub struct Written {
 /// goes through a temporary file and a rename, so a failure never leaves half a report.
 pub fn write(rep: &Report, out: &Path) -> Result<Written> {
     let plots_dir = out.join("plots");
-    std::fs::create_dir_all(&plots_dir).with_context(|| format!("cannot create {}", plots_dir.display()))?;
-    let put = |p: &Path, text: &str| -> Result<()> {
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, p).with_context(|| format!("cannot write {}", p.display()))
-    };
+    std::fs::create_dir_all(&plots_dir).map_err(|e| crate::store::io_error("creating", &plots_dir, e))?;
+    let put = |p: &Path, text: &str| crate::store::write_atomic(p, text.as_bytes());
     let mut plots = Vec::new();
     for f in &rep.figures {
         let p = plots_dir.join(format!("{}.svg", f.id));

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
+use super::args::{device, positive, positive_u32, temperature};
 use super::debug_note;
 use super::gpu_check;
 use bsa::backends::local::LocalModel;
@@ -39,26 +40,26 @@ pub struct BenchServeArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Concurrent clients to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64", value_parser = positive)]
     pub clients: Vec<usize>,
     /// Requests each client sends, one after another.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = positive)]
     pub requests_per_client: usize,
     /// max_tokens of every request.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub max_tokens: usize,
     /// temperature of every request (0 = greedy, as in bench engine; sampling adds the
     /// sampler's cost to every step).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = temperature)]
     pub temperature: f32,
     /// The prompts: the queries of this data file, in turn.
     #[arg(long, default_value = "data/sample.csv")]
     pub data: String,
     /// The server's KV cache in MiB (SmolLM2 needs about 45 KiB per token; the default holds
     /// 64 clients' sequences without setting any aside).
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 800, value_parser = positive)]
     pub kv_cache_mb: usize,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = device)]
     pub device: String,
 }
 
@@ -101,11 +102,11 @@ pub struct BenchEngineArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchSamplerArgs {
-    #[arg(long, default_value_t = 152_064)]
+    #[arg(long, default_value_t = 152_064, value_parser = positive)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     pub rows: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     pub repeat: usize,
     /// Run the device sampler (the CUDA kernel on cuda, its Rust model on cpu) and report
     /// its agreement with the exact CPU sampler, a chi-square of its draws and its timing
@@ -118,7 +119,7 @@ pub struct BenchSamplerArgs {
     #[arg(long, default_value_t = 20_000)]
     pub draws: usize,
     /// Rows tested by the chi-square of --check.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = positive)]
     pub chi_rows: usize,
     /// Also write the --check report to this file.
     #[arg(long)]
@@ -129,14 +130,14 @@ pub struct BenchSamplerArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchScoreArgs {
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = positive)]
     pub items: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive_u32)]
     pub samples: u32,
     #[arg(long, default_value_t = 2000)]
     pub resamples: usize,
     /// Repetitions; the best and median are reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     pub repeat: usize,
 }
 

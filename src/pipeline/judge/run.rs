@@ -94,6 +94,9 @@ pub struct JudgeOptions {
     /// A local judge's device, batching and KV cache.
     pub local: LocalOptions,
     pub run: PathBuf,
+    /// When the run holds verdicts already, leave them: copy its samples to `RUN-2`
+    /// (`RUN-3`, ...) and judge the copy (to judge a run again with other settings).
+    pub new_run: bool,
     pub progress: bool,
     /// The client settings of an `openai:` judge.
     pub remote: ClientOptions,
@@ -108,6 +111,8 @@ impl JudgeOptions {
 
 #[derive(Debug, Clone, Default)]
 pub struct JudgeSummary {
+    /// The run judged: the one given, or its copy under `new_run`.
+    pub run: PathBuf,
     pub written: usize,
     pub skipped: usize,
     pub invalid_labels: usize,
@@ -119,10 +124,13 @@ pub struct JudgeSummary {
     pub seconds: f64,
 }
 
-/// Checks the judge settings that need no model and no run: the reply format against the
-/// judge's kind, and the rubric folder. `bsa eval` and `bsa sweep` call it before they
-/// generate, so a mistake shows before hours of generation, not after; returns the rubrics.
+/// Checks the judge settings that need no model loaded and no run: the judge (the form of
+/// the spec, and that its model file, directory, preset or server settings are there; see
+/// [`backends::check`]), the reply format against the judge's kind, and the rubric folder.
+/// `bsa eval` and `bsa sweep` call it before they generate, so a mistake shows in the first
+/// second, not after hours of generation; returns the rubrics.
 pub fn check_options(opts: &JudgeOptions) -> Result<Rubrics> {
+    backends::check(&opts.judge, "--judge", &opts.remote)?;
     match (opts.remote(), opts.structured, opts.format) {
         (false, true, _) => bail!("--judge-structured is for openai: judges; a local judge decodes --judge-format rubric or label under a grammar already (drop the flag)"),
         (true, false, ReplyFormat::Label) => bail!("--judge-format label needs the server to constrain the reply: add --judge-structured (without it a server's reply is free text, read by the lenient parser)"),
@@ -130,7 +138,7 @@ pub fn check_options(opts: &JudgeOptions) -> Result<Rubrics> {
         _ => {}
     }
     if opts.format == ReplyFormat::Rubric && opts.analysis_tokens == 0 {
-        bail!("--judge-analysis-tokens must be at least 1 (or use --judge-format label for no analysis)");
+        bail!("--judge-analysis-tokens 0: under --judge-format rubric it must be at least 1 (or use --judge-format label for no analysis)");
     }
     match &opts.rubrics_dir {
         Some(d) => Rubrics::from_dir(d),
@@ -287,23 +295,29 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         .into(),
     );
     let job = JobSpec { judge: Some(judge_desc), ..Default::default() };
-    // A judge that wrote no verdict (it failed at once: a server down, a bad flag) does not
-    // hold the run; one that did is resumed only with its own settings.
-    if let Some(diff) = store::job_mismatch(&run_ro.manifest.job, &job) {
-        if !run_ro.verdicts().read_keyed::<Verdict>(Verdict::key)?.0.is_empty() {
-            bail!(
-                "{}: its verdicts come from a judge with other settings ({diff}); rerun with those settings to resume, or judge a copy of the run (samples.jsonl, and manifest.json without job.judge) to label it another way",
-                opts.run.display()
-            );
-        }
-        store::forget_judge(&opts.run)?;
-    }
+    let has_verdicts = !run_ro.verdicts().read_keyed::<Verdict>(Verdict::key)?.0.is_empty();
     drop(run_ro);
-    let run = RunDir::open(&opts.run, job, OnExisting::Resume)?;
+    // Everything is checked: only now is anything written.
+    let run = if opts.new_run && has_verdicts {
+        RunDir::open(&store::copy_for_judging(&opts.run)?, job, OnExisting::Resume)?
+    } else {
+        match store::job_mismatch(&store::read_manifest(&opts.run)?.job, &job) {
+            // A judge that wrote no verdict (it failed at once: a server down, a bad flag)
+            // does not hold the run; one that did is resumed only with its own settings.
+            Some(diff) if has_verdicts => bail!(
+                "{}: its verdicts come from a judge with other settings ({diff}); rerun with those settings to resume, or judge a copy of its samples with the new settings: bsa judge {} --new-run [judge flags] (the copy goes to {})",
+                opts.run.display(),
+                opts.run.display(),
+                store::fresh_sibling(&opts.run).display()
+            ),
+            Some(_) => RunDir::open_replacing_judge(&opts.run, job)?,
+            None => RunDir::open(&opts.run, job, OnExisting::Resume)?,
+        }
+    };
     let verdict_log = run.verdicts();
     let (_, done) = verdict_log.read_keyed::<Verdict>(Verdict::key)?;
     let todo: Vec<&SampleRecord> = samples.iter().filter(|s| !done.contains(&s.key())).collect();
-    let mut summary = JudgeSummary { skipped: samples.len() - todo.len(), ..Default::default() };
+    let mut summary = JudgeSummary { run: run.path.clone(), skipped: samples.len() - todo.len(), ..Default::default() };
     if todo.is_empty() {
         return Ok(summary);
     }
@@ -344,7 +358,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
     // Samples judged, the time left, and judge calls answered per second.
     let bar = progress_bar_with_eta(opts.progress, todo.len() as u64, "judged");
     let mut answered = 0usize;
-    let mut appender = verdict_log.appender()?;
+    let mut appender = run.appender(&verdict_log)?;
     let rubrics_sha = rubrics.sha256_hex();
     let start = Instant::now();
 
@@ -432,6 +446,7 @@ pub fn judge(opts: &JudgeOptions) -> Result<JudgeSummary> {
         }
         requests = next;
     }
+    appender.close()?;
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
