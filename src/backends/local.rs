@@ -170,7 +170,8 @@ pub struct CachePlan {
     pub sized_by: String,
     /// Most tokens of one sequence (prompt and generated).
     pub max_model_len: usize,
-    /// Why that limit: "--max-model-len", "the model's context", "what the KV cache holds".
+    /// Why that limit: "set by --max-model-len", "the model's context", "what the KV cache
+    /// holds".
     pub limited_by: &'static str,
 }
 
@@ -180,16 +181,16 @@ impl CachePlan {
         self.blocks * self.block_size
     }
 
-    /// Sequences of the full length that fit in the cache at once.
+    /// Sequences of the full length that fit in the cache at once (each takes whole blocks).
     pub fn full_length_sequences(&self) -> usize {
-        self.tokens() / self.max_model_len.max(1)
+        self.blocks / self.max_model_len.max(1).div_ceil(self.block_size)
     }
 
     /// "KV cache: 1.0 GiB, 21,845 tokens (f32, blocks of 16; 25% of ...); sequences up to
     /// 8,192 tokens (the model's context), 2 of that length fit at once".
     pub fn describe(&self) -> String {
         format!(
-            "KV cache: {}, {} tokens ({:?}, blocks of {}; {}); sequences up to {} tokens ({}), {} of that length fit at once",
+            "KV cache: {}, {} tokens ({:?}, blocks of {}; {}); sequences up to {} tokens ({}); full-length sequences that fit at once: {}",
             crate::engine::memory::gib(self.bytes),
             self.tokens(),
             self.dtype,
@@ -273,9 +274,9 @@ impl LocalModel {
                 n.div_ceil(bs),
                 (n.div_ceil(bs) as u64 * block_bytes).div_ceil(1 << 20)
             ),
-            Some(n) => (n, "--max-model-len"),
+            Some(n) => (n, "set by --max-model-len"),
             None if context <= tokens => (context, "the model's context"),
-            None => (tokens, "what the KV cache holds; more memory (--kv-cache-mb) allows longer"),
+            None => (tokens, "what the KV cache holds"),
         };
         Ok(CachePlan { blocks, block_size: bs, bytes: blocks as u64 * block_bytes, dtype: kv_dtype, sized_by, max_model_len, limited_by })
     }
@@ -577,6 +578,9 @@ impl Backend for LocalBackend {
         let mut samples: HashMap<usize, (Vec<String>, Option<String>)> = HashMap::new();
         let mut groups = Vec::with_capacity(requests.len());
         let mut capped = 0;
+        let n_requests = requests.len();
+        let mut failed: Vec<Completion> = Vec::new();
+        let mut failed_requests = 0;
         for (mut r, grammar) in requests.into_iter().zip(grammars) {
             if let Some(f) = &r.label_format {
                 r.reply_start = f.reply_start();
@@ -590,9 +594,10 @@ impl Backend for LocalBackend {
             let prompt = if text.len() > max_len.saturating_mul(self.max_text_bytes_per_token) { None } else { Some(m.tokenize_prompt(&text)?) };
             if prompt.as_ref().is_none_or(|p| p.len() >= max_len) {
                 let error = match &prompt {
-                    Some(p) => format!("{}: the prompt has {} tokens, and a sequence may have at most {max_len} (max_model_len: {}), so no token could be generated", r.label, p.len(), self.plan.limited_by),
-                    None => format!("{}: the prompt ({} bytes) has more than {max_len} tokens, the most a sequence may have (max_model_len: {})", r.label, text.len(), self.plan.limited_by),
+                    Some(p) => format!("{}: the prompt has {} tokens, and a sequence may have at most {max_len} ({}), so no token could be generated", r.label, p.len(), self.plan.limited_by),
+                    None => format!("{}: the prompt ({} bytes) has more than {max_len} tokens, the most a sequence may have ({})", r.label, text.len(), self.plan.limited_by),
                 };
+                failed_requests += 1;
                 for s in &r.samples {
                     let prompt_tokens = prompt.as_ref().map_or(0, Vec::len);
                     let c = if r.accept_refusal {
@@ -600,7 +605,7 @@ impl Backend for LocalBackend {
                     } else {
                         Completion { tag: s.tag, text: String::new(), reasoning: None, finish: FinishReason::Error, prompt_tokens, completion_tokens: 0, refused: None, label_probs: None, error: Some(error.clone()) }
                     };
-                    on_completion(c)?;
+                    failed.push(c);
                 }
                 continue;
             }
@@ -618,6 +623,18 @@ impl Backend for LocalBackend {
                 })
                 .collect();
             groups.push(PromptGroup { prompt, samples: specs });
+        }
+        // Not one prompt fits: the limit is wrong for this job, which is refused before anything
+        // is recorded (a run of nothing but failed samples would have to be redone anyway).
+        if n_requests > 0 && failed_requests == n_requests {
+            let first = failed.iter().find_map(|c| c.error.clone().or_else(|| c.refused.clone())).unwrap_or_default();
+            bail!(
+                "every prompt is longer than the longest sequence allowed, {max_len} tokens ({}); first: {first}; give the KV cache more memory (--kv-cache-mb) or raise --max-model-len",
+                self.plan.limited_by
+            );
+        }
+        for c in failed {
+            on_completion(c)?;
         }
         if capped > 0 {
             eprintln!(

@@ -75,12 +75,12 @@ pub fn cpu_cache_bytes(mem: Option<DeviceMemory>) -> u64 {
     mem.map_or(CPU_FALLBACK_BYTES, |m| ((m.free as f64 * CPU_SHARE) as u64).min(CPU_CAP_BYTES))
 }
 
-/// Bytes as "1.5 GiB" (or MiB below 1 GiB).
+/// Bytes as "1.5 GiB" (or "7.7 MiB" below 1 GiB).
 pub fn gib(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
     } else {
-        format!("{} MiB", bytes >> 20)
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
     }
 }
 
