@@ -364,11 +364,14 @@ fn errors_print_without_backtraces_whatever_rust_backtrace_says() {
     let dir = tempfile::tempdir().unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &std::fs::read(&model).unwrap()[..100_000]).unwrap();
+    // Cut inside the weights, past the header: named as cut short, with the fix.
+    let deep = dir.path().join("deep.gguf");
+    std::fs::write(&deep, &std::fs::read(&model).unwrap()[..10_000_000]).unwrap();
     let bad = dir.path().join("badmodel");
     std::fs::create_dir(&bad).unwrap();
     write_file(&bad, "config.json", r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "wide"}"#);
     let out = dir.path().join("run");
-    for (m, expect) in [(cut.to_str().unwrap(), "cut.gguf: not a GGUF model file"), (bad.to_str().unwrap(), "hidden_size")] {
+    for (m, expect) in [(cut.to_str().unwrap(), "cut.gguf: not a readable GGUF file"), (deep.to_str().unwrap(), "deep.gguf is cut short: tensor"), (bad.to_str().unwrap(), "hidden_size")] {
         for bt in ["1", "full", "0"] {
             let o = bsa_env(&["generate", "--model", m, "--limit", "1", "--samples", "1", "--out", out.to_str().unwrap()], &[("RUST_BACKTRACE", bt), ("RUST_LIB_BACKTRACE", bt)]);
             let e = fails(&o);

@@ -114,6 +114,9 @@ impl LocalModel {
                     p.display()
                 );
                 }
+                // The same checks as a judge's up-front check: a cut-off download is named as
+                // one, with the fix, before the weights are read.
+                super::check_gguf(p)?;
                 load_gguf(p, device)?
             }
             ModelSource::Dir(d) => load_dir(

@@ -305,7 +305,7 @@ pub fn check(spec: &str, flag: &str, remote: &openai::ClientOptions) -> Result<(
 
 /// A GGUF file's header, metadata and tensor table, and that the file is long enough for
 /// every tensor (a cut-off download fails here, not at load).
-fn check_gguf(p: &std::path::Path) -> Result<()> {
+pub(crate) fn check_gguf(p: &std::path::Path) -> Result<()> {
     use candle_core::quantized::gguf_file::Content;
     let mut f = std::fs::File::open(p).map_err(|e| anyhow!("cannot read {}: {e}; check the path", p.display()))?;
     let mut magic = [0u8; 4];
