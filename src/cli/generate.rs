@@ -83,7 +83,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<PathBuf> {
             outln!("  preemptions: {} (sequences whose KV blocks were taken back for older ones and recomputed later)", s.preempted);
         }
         if s.errors > 0 {
-            outln!("  {} sample(s) ended with finish reason error; their records say why (\"error\"), and their response counts as missing", s.errors);
+            outln!("  {} sample(s) ended with finish reason error; their records say why (\"error\"), and their response counts as missing; a resume keeps them as they are (to generate them again under other settings, start a new run: --new-run)", s.errors);
         }
     }
     Ok(s.run)
