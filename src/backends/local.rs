@@ -189,8 +189,8 @@ impl CachePlan {
         self.blocks / self.max_model_len.max(1).div_ceil(self.block_size)
     }
 
-    /// "KV cache: 1.0 GiB, 21,845 tokens (f32, blocks of 16; 25% of ...); sequences up to
-    /// 8,192 tokens (the model's context), 2 of that length fit at once".
+    /// "KV cache: 1.0 GiB, 21845 tokens (F32, blocks of 16; 25% of ...); sequences up to 8192
+    /// tokens (the model's context); full-length sequences that fit at once: 2".
     pub fn describe(&self) -> String {
         format!(
             "KV cache: {}, {} tokens ({:?}, blocks of {}; {}); sequences up to {} tokens ({}); full-length sequences that fit at once: {}",
@@ -352,10 +352,7 @@ impl<'a> StopMatcher<'a> {
         }
         let new = &tokens[self.seen..];
         self.seen = tokens.len();
-        let Some(stream) = self.stream.as_mut() else {
-            let text = self.tokenizer.decode(tokens, false).unwrap_or_default();
-            return self.stops.iter().any(|s| text.contains(s.as_str()));
-        };
+        let Some(stream) = self.stream.as_mut() else { return self.hit_whole(tokens) };
         // A new match ends in the new text, so it starts at most longest - 1 bytes before it.
         let mut from = self.text.len().saturating_sub(self.longest.saturating_sub(1));
         while !self.text.is_char_boundary(from) {
@@ -369,13 +366,18 @@ impl<'a> StopMatcher<'a> {
                     // The stream could not line its chunks up (a decoder it does not model):
                     // decode the whole text from here on.
                     self.stream = None;
-                    let text = self.tokenizer.decode(tokens, false).unwrap_or_default();
-                    return self.stops.iter().any(|s| text.contains(s.as_str()));
+                    return self.hit_whole(tokens);
                 }
             }
         }
         let tail = &self.text[from..];
         self.stops.iter().any(|s| tail.contains(s.as_str()))
+    }
+
+    /// The fallback: whether the whole decoded text of `tokens` contains a stop string.
+    fn hit_whole(&self, tokens: &[u32]) -> bool {
+        let text = self.tokenizer.decode(tokens, false).unwrap_or_default();
+        self.stops.iter().any(|s| text.contains(s.as_str()))
     }
 }
 
@@ -446,8 +448,6 @@ pub struct LocalBackend {
     compiler: Option<GrammarCompiler>,
     /// Each label format's grammar, compiled once.
     grammars: HashMap<LabelFormat, std::sync::Arc<Grammar>>,
-    /// See [`LocalBackend::preemptions`].
-    preempted: usize,
 }
 
 impl LocalBackend {
@@ -462,19 +462,9 @@ impl LocalBackend {
         cache.set_prefix_caching(opts.prefix_cache);
         let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: model.loaded.eos_ids.clone(), max_model_len: Some(plan.max_model_len) };
         let max_text_bytes_per_token = crate::engine::tokenizer::max_text_bytes_per_token(&model.loaded.tokenizer);
-        Ok(LocalBackend { model, prompter, cache, plan, sched, max_text_bytes_per_token, compiler: None, grammars: HashMap::new(), preempted: 0 })
+        Ok(LocalBackend { model, prompter, cache, plan, sched, max_text_bytes_per_token, compiler: None, grammars: HashMap::new() })
     }
 
-    /// The KV cache built and the longest sequence allowed.
-    pub fn cache_plan(&self) -> &CachePlan {
-        &self.plan
-    }
-
-    /// Preemptions (sequences whose blocks were taken back and recomputed later) since the
-    /// backend opened.
-    pub fn preemptions(&self) -> usize {
-        self.preempted
-    }
 
     /// The grammar of `format` (compiled on first use).
     ///
@@ -666,9 +656,7 @@ impl Backend for LocalBackend {
                 error: f.error,
             })
         };
-        let preempted = &mut self.preempted;
         let mut on_step = |s: scheduler::StepStats| {
-            *preempted += s.preempted;
             on_progress(Progress { decoded_tokens: s.decode_tokens, running: s.running, prefill: PrefillStats { computed: s.prefill_tokens, cached: s.cached_prefill_tokens }, preempted: s.preempted })
         };
         scheduler::run(m.model.as_ref(), &mut self.cache, &self.sched, groups, &mut stop, &mut on_done, &mut on_step)

@@ -172,15 +172,15 @@ impl Prefill {
     /// A prefill of `tokens` that starts from their cached prefix (and the tokens it took),
     /// if the blocks it needs are among the `free` ones: the rest of the prompt's, one for
     /// each of the `samples` sequences it becomes to decode into, and the idle cached ones it
-    /// takes. Otherwise `kind` comes back with the number of blocks it needs.
-    fn admit(cache: &mut KvCache, tokens: Vec<u32>, kind: PrefillKind, samples: usize, free: usize) -> std::result::Result<(Prefill, usize), (PrefillKind, usize)> {
+    /// takes. Otherwise `kind` comes back.
+    fn admit(cache: &mut KvCache, tokens: Vec<u32>, kind: PrefillKind, samples: usize, free: usize) -> std::result::Result<(Prefill, usize), PrefillKind> {
         let bs = cache.block_size();
         let hashes = if cache.prefix_caching() { block_hashes(&tokens, bs) } else { Vec::new() };
         let cap = reusable_blocks(tokens.len(), bs);
         let hit = cache.cached_prefix(&hashes, &tokens, cap);
         let need = blocks_needed(tokens.len() - hit.blocks * bs, samples, bs) + hit.idle;
         if need > free {
-            return Err((kind, need));
+            return Err(kind);
         }
         let mut table = BlockTable::new();
         let done = table.adopt_cached_prefix(cache, &hashes, &tokens, cap);
@@ -374,7 +374,7 @@ pub fn run_fed(
                         prefilling.push(p);
                         continue;
                     }
-                    Err((PrefillKind::Resume(seq), _)) => {
+                    Err(PrefillKind::Resume(seq)) => {
                         resumes.push_front(seq);
                         break;
                     }
@@ -396,7 +396,7 @@ pub fn run_fed(
                     cached_tokens += taken;
                     prefilling.push(p);
                 }
-                Err((PrefillKind::Group { prompt, mut samples, order, preempted }, _)) => {
+                Err(PrefillKind::Group { prompt, mut samples, order, preempted }) => {
                     let prompt = std::sync::Arc::unwrap_or_clone(prompt);
                     // Alone in the cache and still too many samples for it: admit them in
                     // parts (each sample keeps its stream, so its tokens do not change).

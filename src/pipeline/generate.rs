@@ -90,7 +90,8 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateSummary> {
 pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Result<GenerateSummary> {
     let (dataset, items) = selected_items(opts)?;
     // A resume with other data, selection, samples or seed is refused before a model loads.
-    RunDir::check(&opts.out, &job_base(&dataset, opts)?, opts.on_existing)?;
+    let base = job_base(&dataset, opts)?;
+    RunDir::check(&opts.out, &base, opts.on_existing)?;
     let rules = opts.safety_rules.as_deref().map(SafetyRules::load).transpose()?;
     let settings = PromptSettings { system: SafetyRules::system_text(rules.as_ref(), opts.prompt.system.as_deref()), ..opts.prompt.clone() };
     let (spec, flag) = match &opts.backend {
@@ -111,7 +112,7 @@ pub fn generate_grid(opts: &GenerateOptions, grid: Option<&DecodingGrid>) -> Res
             Some(g) => g.manifest_entry(&decoding, &configs),
         }),
         prompt: Some(backend.manifest_prompt(opts.prompt.system.as_deref(), rules.as_ref())),
-        ..job_base(&dataset, opts)?
+        ..base
     };
     let mut run = RunDir::open(&opts.out, job, opts.on_existing)?;
     run.manifest.device = Some(backend.device());
