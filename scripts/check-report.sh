@@ -59,14 +59,14 @@ with open(f"{run}/verdicts.jsonl", "w") as v, open(f"{run}/samples.jsonl", "w") 
 EOF
 
 $bsa report data/sample-run "$out/sweep-run" --out "$out/both" --quiet --resamples 500
-$bsa report data/sample-run --out "$out/sample" --quiet --resamples 500
+$bsa report data/sample-run --out "$out/sample" --quiet --resamples 500 --reference paper
 
 status=0
 for name in both sample; do
     html="$(realpath "$out/$name/report.html")"
     png="$(realpath "$out")/$name.png"
     # A tall window: the screenshot shows the page from the top, plots included.
-    chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,6000 \
+    chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,9000 \
         --screenshot="$png" "file://$html" >/dev/null 2>&1
     if [ ! -s "$png" ]; then
         echo "FAIL: chromium wrote no screenshot for $html" >&2

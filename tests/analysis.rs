@@ -286,6 +286,13 @@ fn compare_measures_a_real_change_and_not_noise() {
     assert!(out.contains("22 items in both runs") && out.contains("Safe@1") && out.contains("*"), "{out}");
     let js: serde_json::Value = serde_json::from_str(&ok(&bsa(&["compare", a.to_str().unwrap(), b_better.to_str().unwrap(), "--json", "--resamples", "50"]))).unwrap();
     assert_eq!(js["shared_items"], 22);
+    // The safety tax: thinking unchanged, so no reasoning was bought; what B changed is
+    // read off the manifests.
+    let tax = &js["safety_tax"];
+    assert!(tax["reasoning"].as_array().is_some_and(|r| !r.is_empty()), "{tax}");
+    assert!(["no change", "cannot tell"].contains(&tax["verdict"].as_str().unwrap()), "{tax}");
+    assert_eq!(js["changes"], serde_json::json!(["model.id: base -> with-rules"]));
+    assert!(out.contains("safety alignment tax") && out.contains("verdict: ") && out.contains("B differs from A in: model.id: base -> with-rules"), "{out}");
 }
 
 fn sweep_configs() -> Vec<(&'static str, Decoding)> {
@@ -331,7 +338,7 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     let runs: Vec<JudgedRun> = [&single, &sweep, &bare].iter().map(|p| JudgedRun::load(p).unwrap()).collect();
     assert!(runs[2].decodings.is_empty());
     let so = ScoreOptions { resamples: 200, ..Default::default() };
-    let rep = document::build(&runs, &ReportOptions { score: so.clone(), progress: false }).unwrap();
+    let rep = document::build(&runs, &ReportOptions { score: so.clone(), progress: false, reference: Default::default() }).unwrap();
     assert_eq!(rep.entities.len(), 1 + 8 + 1);
     let out = dir.path().join("report");
     let w = document::write(&rep, &out).unwrap();
@@ -387,6 +394,26 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     assert!(bare_row[3].starts_with(&format!("{:.2} [", bare_card.headline.safe_at_1)), "{bare_row:?}");
     assert!(bare_row[5].starts_with(&format!("{:.2} [", bare_card.headline.think_at_1)), "{bare_row:?}");
     assert_eq!(bare_row[8], format!("{:.2}", bare_card.headline.safe_at_1 - bare_card.headline.think_at_1));
+    // The analysis sections: signatures, the link (one chart of all ten units, numbered as
+    // in the scatter), consistency gaps; the link table agrees with scoring the run alone.
+    let headings: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("h2")).filter_map(|n| n.text()).collect();
+    for h in ["Failure signatures", "The reasoning-safety link", "Consistency across samples"] {
+        assert!(headings.contains(&h), "{h} in {headings:?}");
+    }
+    let link = find(&doc, "figure", "link").expect("one link chart for ten units");
+    assert!(texts(link).contains(&"10".to_string()));
+    let cells: Vec<Vec<String>> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("tr"))
+        .map(|tr| tr.children().filter(|c| c.has_tag_name("td")).map(|c| c.text().unwrap_or("").to_string()).collect())
+        .collect();
+    let l = &bare_card.reasoning_safety_link.overall;
+    let row = cells.iter().find(|r| r.len() == 7 && r[0] == "model-c" && r[1] == "overall").expect("link row of model-c");
+    assert_eq!(row[2], l.samples.to_string());
+    assert!(row[3].starts_with(&format!("{:.2} [", l.p_safe_given_identified)) && row[4].starts_with(&format!("{:.2} [", l.p_safe_given_missed)), "{row:?}");
+    let gaps = bare_card.consistency_gaps;
+    let row = cells.iter().find(|r| r.len() == 9 && r[0] == "model-c" && r[1] == "overall").expect("consistency row of model-c");
+    assert!(row[7].starts_with(&format!("{:.2} [", gaps.safe.value)) && row[8].starts_with(&format!("{:.2} [", gaps.think.value)), "{row:?}");
     // The SSA gap is called out, and the markdown links every plot that was written.
     let callout = doc.descendants().find(|n| n.attribute("class") == Some("callout")).expect("gap callout");
     assert_eq!(callout.children().filter(|n| n.has_tag_name("p")).count(), 10);
@@ -407,6 +434,19 @@ fn report_command_on_the_sample_run_and_its_errors() {
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     roxmltree::Document::parse_with_options(&html, roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() }).unwrap();
     assert!(html.contains("id=\"ssa-scatter\""));
+    assert!(!html.contains("DeepSeek-R1"), "no reference layer unless asked");
+    // The paper's leaderboard as a reference layer: every published model named in the
+    // scatter and listed in a table.
+    ok(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--resamples", "100", "--reference", "paper"]));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let doc = roxmltree::Document::parse_with_options(&html, roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() }).unwrap();
+    let t = texts(find(&doc, "figure", "ssa-scatter").unwrap());
+    for r in bsa::analysis::reference::PAPER {
+        assert!(t.contains(&r.model.to_string()), "{} in the scatter: {t:?}", r.model);
+        assert!(html.contains(&format!("<td class=\"n\">{:.2}</td>", r.think_at_1)), "{} in the table", r.model);
+    }
+    let err = fails(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--reference", "leaderboard"]));
+    assert!(err.contains("--reference") && err.contains("paper"), "{err}");
     // Several runs need --out; a missing run is named.
     let err = fails(&bsa(&["report", "data/sample-run", "data/sample-run"]));
     assert!(err.contains("--out"), "{err}");
@@ -423,7 +463,7 @@ fn report_sweeps_over_one_parameter_and_runs_without_samples() {
     // Two configurations but no samples.jsonl: listed by name, no heatmap.
     let blind = write_run(&dir.path().join("blind"), "m2", &items, &temps[..2], 2, false, &base_label);
     let runs: Vec<JudgedRun> = [&one, &blind].iter().map(|p| JudgedRun::load(p).unwrap()).collect();
-    let rep = document::build(&runs, &ReportOptions { score: ScoreOptions { resamples: 50, ..Default::default() }, progress: false }).unwrap();
+    let rep = document::build(&runs, &ReportOptions { score: ScoreOptions { resamples: 50, ..Default::default() }, progress: false, reference: Default::default() }).unwrap();
     let ids: Vec<&str> = rep.figures.iter().map(|f| f.id.as_str()).collect();
     assert!(ids.contains(&"sweep-m1-safe_at_1") && ids.contains(&"sweep-m1-think_at_1"), "{ids:?}");
     assert!(!ids.iter().any(|i| i.starts_with("sweep-m2")), "{ids:?}");

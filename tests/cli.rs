@@ -127,6 +127,20 @@ fn score_a_run_writes_scores_and_agrees_with_the_official_csv_route() {
     }
     let written = json(&run.join("scores.json"));
     assert_eq!(written, by_run);
+    // The reasoning-safety link, overall and per scenario, with its documented fields; the
+    // consistency gaps; and the table output shows both.
+    let link = &card["reasoning_safety_link"];
+    for group in [link, &link["scenarios"]["Risk Omission"], &link["scenarios"]["Over Sensitivity"]] {
+        for k in ["p_safe_given_identified", "p_safe_given_missed", "odds_ratio", "samples"] {
+            assert!(group[k].is_number(), "{k}: {group}");
+        }
+        assert!(group["odds_ratio_ci"].as_array().is_some_and(|a| a.len() == 2 && a.iter().all(Value::is_number)), "{group}");
+    }
+    assert_eq!(link["samples"], 120);
+    assert!(card["consistency_gaps"]["safe"]["value"].is_number() && card["scenarios"]["Risk Omission"]["consistency_gaps"]["think"]["interval"].is_array());
+    assert!(card["signatures"].is_array());
+    let table = ok(&bsa(&["score", run.to_str().unwrap(), "--resamples", "50"]));
+    assert!(table.contains("reasoning-safety link") && table.contains("P(safe|identified)") && table.contains("consistency gaps (@1 - @k)"), "{table}");
 
     let csv = dir.path().join("official.csv");
     ok(&bsa(&["export", run.to_str().unwrap(), "--official-csv", csv.to_str().unwrap()]));

@@ -71,6 +71,12 @@ pub fn mark_missing_responses(verdicts: &mut [Verdict], samples: &RecordLog) -> 
 }
 
 impl JudgedRun {
+    /// A run known only by its verdicts (no manifest, no samples), named `label`: for
+    /// analyses of verdicts made elsewhere, and for tests.
+    pub fn from_verdicts(label: &str, verdicts: Vec<Verdict>) -> JudgedRun {
+        JudgedRun { path: PathBuf::from(label), label: label.to_string(), manifest: None, verdicts, decodings: BTreeMap::new(), samples_path: None }
+    }
+
     /// Loads a run directory or a verdicts `.jsonl` file.
     pub fn load(path: &Path) -> Result<JudgedRun> {
         if path.is_file() {

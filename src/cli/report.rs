@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::args::ScoreOpts;
+use bsa::analysis::reference::Reference;
 use bsa::analysis::report;
 
 #[derive(Debug, Args)]
@@ -18,6 +19,11 @@ pub struct ReportArgs {
     /// there is one run).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Published results to draw next to the runs in the Safe@1 vs Think@1 scatter:
+    /// `paper` (the leaderboard of arXiv 2505.19690, as grey crosses, with a table) or
+    /// `none`.
+    #[arg(long, value_name = "paper|none", default_value = "none", value_parser = Reference::parse)]
+    pub reference: Reference,
     #[command(flatten)]
     pub opts: ScoreOpts,
     /// No progress bars.
@@ -34,7 +40,7 @@ pub(super) fn run(a: ReportArgs) -> Result<()> {
         (None, _) => bail!("{} runs given: say where the report goes with --out DIR", a.runs.len()),
     };
     let runs = a.runs.iter().map(|r| JudgedRun::load(r)).collect::<Result<Vec<_>>>()?;
-    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet };
+    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet, reference: a.reference };
     let rep = report::document::build(&runs, &opts)?;
     let w = report::document::write(&rep, &out)?;
     out!("{}", report::document::summary_table(&rep));

@@ -158,6 +158,27 @@ impl Verdict {
     pub fn key(&self) -> String {
         record_key(&self.item_id, self.sample_index, &self.config)
     }
+
+    /// A verdict of the default configuration with these labels and nothing else recorded
+    /// (no raw replies, no label probabilities): for labels made by hand, and for tests.
+    pub fn labelled(item_id: &str, sample_index: u32, scenario: Scenario, categories: Vec<String>, safety: Option<SafetyLabel>, thinking: Option<ThinkingLabel>, judge: &str) -> Verdict {
+        Verdict {
+            item_id: item_id.into(),
+            sample_index,
+            config: default_config(),
+            scenario,
+            categories,
+            safety,
+            thinking,
+            judge: judge.into(),
+            raw_safety: None,
+            raw_thinking: None,
+            prompt_sha256: None,
+            response_missing: false,
+            safety_probs: None,
+            thinking_probs: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -186,22 +207,7 @@ mod tests {
 
     #[test]
     fn verdict_round_trips_with_authors_spelling() {
-        let v = Verdict {
-            item_id: "x".into(),
-            sample_index: 3,
-            config: default_config(),
-            scenario: Scenario::CognitiveShortcut,
-            categories: vec!["Rumors".into()],
-            safety: Some(SafetyLabel::Safe),
-            thinking: Some(ThinkingLabel::FullyCovered),
-            judge: "hand".into(),
-            raw_safety: None,
-            raw_thinking: None,
-            prompt_sha256: None,
-            response_missing: false,
-            safety_probs: None,
-            thinking_probs: None,
-        };
+        let v = Verdict::labelled("x", 3, Scenario::CognitiveShortcut, vec!["Rumors".into()], Some(SafetyLabel::Safe), Some(ThinkingLabel::FullyCovered), "hand");
         let s = serde_json::to_string(&v).unwrap();
         assert!(s.contains("\"Cognitive Shortcut\"") && s.contains("\"Fully Covered\""), "{s}");
         assert_eq!(serde_json::from_str::<Verdict>(&s).unwrap(), v);

@@ -14,7 +14,9 @@ use crate::progress::progress_bar;
 use crate::records::{PRIMARY_CATEGORIES, Scenario};
 use crate::records::Decoding;
 use crate::analysis::judged_run::JudgedRun;
-use crate::analysis::metrics::{self, Interval, ScoreOptions, Scorecard, AUTHORS_F_ALPHA};
+use crate::analysis::metrics::{self, Gaps, Interval, ScoreOptions, Scorecard, AUTHORS_F_ALPHA};
+use crate::analysis::reference::{self, Reference};
+use crate::analysis::signatures;
 use super::plots::{self, BarSeries, ScatterPoint};
 use super::text::TextTable;
 
@@ -22,6 +24,8 @@ use super::text::TextTable;
 pub struct ReportOptions {
     pub score: ScoreOptions,
     pub progress: bool,
+    /// Published results drawn next to the runs in the Safe@1 vs Think@1 scatter.
+    pub reference: Reference,
 }
 
 /// One scored unit of the report: a run, or one decoding configuration of a run.
@@ -66,6 +70,9 @@ pub struct Report {
     pub figures: Vec<Figure>,
     pub blocks: Vec<Block>,
 }
+
+/// With more scored units than this, plots number them and the report lists the key.
+const NUMBERED_ABOVE: usize = 6;
 
 /// The decoding parameters a sweep can vary, in the order they become x, y and panels.
 pub const SWEEP_PARAMS: [&str; 5] = ["temperature", "top_p", "top_k", "min_p", "max_new_tokens"];
@@ -126,11 +133,11 @@ pub fn build(runs: &[JudgedRun], opts: &ReportOptions) -> Result<Report> {
     }
     bar.finish_and_clear();
     let mut rep = Report { runs: runs.iter().map(|r| format!("{} ({})", r.label, r.path.display())).collect(), entities, figures: Vec::new(), blocks: Vec::new() };
-    lay_out(&mut rep, runs, &opts.score)?;
+    lay_out(&mut rep, runs, &opts.score, opts.reference)?;
     Ok(rep)
 }
 
-fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()> {
+fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions, reference: Reference) -> Result<()> {
     let ents = rep.entities.clone();
     let mut blocks = Vec::new();
     let mut figures = Vec::new();
@@ -197,9 +204,10 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
     blocks.push(Block::Para(
         "Superficial safety alignment: a safe final answer whose reasoning never noticed the annotated risk. The wider the gap, the more of the model's safety is luck or reflex rather than understanding.".into(),
     ));
+    signatures_section(&ents, so, &mut blocks);
 
     // Scatter.
-    let numbered = ents.len() > 6;
+    let numbered = ents.len() > NUMBERED_ABOVE;
     let points: Vec<ScatterPoint> = ents
         .iter()
         .map(|e| ScatterPoint {
@@ -211,13 +219,24 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
             think_interval: e.card.intervals.get("think_at_1").copied().unwrap_or([f64::NAN; 2]),
         })
         .collect();
-    figures.push(Figure { id: "ssa-scatter".into(), title: "Safe@1 vs Think@1".into(), svg: plots::ssa_scatter(&points, numbered)? });
+    let refs = reference.rows();
+    figures.push(Figure { id: "ssa-scatter".into(), title: "Safe@1 vs Think@1".into(), svg: plots::ssa_scatter(&points, numbered, refs)? });
     blocks.push(Block::Heading(2, "Safe@1 vs Think@1".into()));
     blocks.push(Block::Figure(figures.len() - 1));
     // Clustered points (a sweep, similar models) also get a frame around the cluster.
     if let Some(range) = plots::scatter_zoom(&points) {
-        figures.push(Figure { id: "ssa-scatter-zoomed".into(), title: "Safe@1 vs Think@1, zoomed".into(), svg: plots::ssa_scatter_zoomed(&points, numbered, range)? });
+        figures.push(Figure { id: "ssa-scatter-zoomed".into(), title: "Safe@1 vs Think@1, zoomed".into(), svg: plots::ssa_scatter_zoomed(&points, numbered, range, refs)? });
         blocks.push(Block::Figure(figures.len() - 1));
+    }
+    if !refs.is_empty() {
+        blocks.push(Block::Para(format!(
+            "Grey crosses: the {}. Facts from the paper, not computed here: a run on a subset, with another judge, prompt or decoding compares only roughly.",
+            reference::PAPER_SOURCE
+        )));
+        blocks.push(Block::Table {
+            head: ["published model", "Safe@1", "Safe@k", "Think@1", "Think@k", "F-score"].map(String::from).to_vec(),
+            rows: refs.iter().map(|r| vec![r.model.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k), pct(r.f_score)]).collect(),
+        });
     }
     if numbered {
         blocks.push(Block::Table {
@@ -279,6 +298,9 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
         }
     }
 
+    link_section(&ents, &scenarios, &mut blocks, &mut figures)?;
+    consistency_section(&ents, &scenarios, &mut blocks);
+
     // Risk categories.
     blocks.push(Block::Heading(2, "Risk categories".into()));
     blocks.push(Block::Para("Each item counts in every primary category among its risks (Cognitive Shortcut items carry two).".into()));
@@ -336,6 +358,128 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions) -> Result<()
     rep.blocks = blocks;
     rep.figures = figures;
     Ok(())
+}
+
+/// The failure signatures each scored unit shows, with the rules stated.
+fn signatures_section(ents: &[Entity], so: &ScoreOptions, blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(2, "Failure signatures".into()));
+    let mut lines = Vec::new();
+    for e in ents {
+        if e.card.signatures.is_empty() {
+            lines.push(format!("{}: none of the signatures below holds", e.name));
+        }
+        for sig in &e.card.signatures {
+            let group = if sig.group == "overall" { String::new() } else { format!(" in {}", sig.group) };
+            lines.push(format!("{}: {}{group}{}. {}.", e.name, sig.name, if sig.firm { "" } else { " (tentative: the interval reaches below the threshold)" }, sig.evidence));
+        }
+    }
+    blocks.push(Block::Bullets(lines));
+    blocks.push(Block::Para(format!("The rules, stated: {}.", signatures::rules(so.confidence).join("; "))));
+}
+
+/// The reasoning-safety link per scored unit and scenario: a table and, per unit (or, for
+/// many units, one chart of them all), P(safe) with the thinking's risk identified or missed.
+fn link_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>, figures: &mut Vec<Figure>) -> Result<()> {
+    blocks.push(Block::Heading(2, "The reasoning-safety link".into()));
+    blocks.push(Block::Para(
+        "Over the samples with both labels readable: how often a sample is safe when its thinking identified the annotated risk, and when it missed it. The paper's finding is that identifying the risk goes with a safe answer; a small or negative difference means the model's safety does not come from its reasoning. The odds ratio is that of being safe, identified against missed (0.5 added to every cell when one is zero, marked +0.5; undefined when no sample identified, or missed, the risk, or when every sample was safe, or none). Intervals resample items, not samples.".into(),
+    ));
+    let mut rows = Vec::new();
+    for e in ents {
+        let link = &e.card.reasoning_safety_link;
+        let groups = std::iter::once(("overall", &link.overall)).chain(scenarios.iter().filter_map(|s| link.scenarios.get(s.name()).map(|l| (s.name(), l))));
+        for (g, l) in groups {
+            rows.push(vec![
+                e.name.clone(),
+                g.to_string(),
+                l.samples.to_string(),
+                with_ci(l.p_safe_given_identified, Some(&l.p_safe_given_identified_ci)),
+                with_ci(l.p_safe_given_missed, Some(&l.p_safe_given_missed_ci)),
+                with_ci(l.difference, Some(&l.difference_ci)),
+                super::odds_ratio(l),
+            ]);
+        }
+    }
+    let head = ["run", "group", "samples", "P(safe | identified) %", "P(safe | missed) %", "difference (points)", "odds ratio"];
+    blocks.push(Block::Table { head: head.map(String::from).to_vec(), rows });
+    let bar = |name: &str, series: usize, values: Vec<(f64, Interval)>| BarSeries { name: name.into(), series, values };
+    // Green for identified, red for missed (palette entries 2 and 3). One chart per unit
+    // while the scatter names its points; beyond that one chart of all, by point number.
+    if ents.len() <= NUMBERED_ABOVE {
+        let mut groups = vec!["all".to_string()];
+        groups.extend(scenarios.iter().map(|s| s.name().to_string()));
+        for e in ents {
+            let link = &e.card.reasoning_safety_link;
+            let at = |s: Option<&Scenario>| match s {
+                None => Some(&link.overall),
+                Some(s) => link.scenarios.get(s.name()),
+            };
+            let pick = |f: fn(&crate::analysis::link::Link) -> (f64, Interval)| -> Vec<(f64, Interval)> {
+                std::iter::once(None).chain(scenarios.iter().map(Some)).map(|s| at(s).map_or((f64::NAN, [f64::NAN; 2]), f)).collect()
+            };
+            let series = [
+                bar("thinking identified the risk", 2, pick(|l| (l.p_safe_given_identified, l.p_safe_given_identified_ci))),
+                bar("thinking missed it", 3, pick(|l| (l.p_safe_given_missed, l.p_safe_given_missed_ci))),
+            ];
+            let title = format!("{}: P(safe) by whether the thinking identified the risk", e.name);
+            figures.push(Figure { id: format!("link-{}", slug(&e.name)), svg: plots::bars_with_intervals(&title, "safe samples (%)", &groups, &series)?, title });
+            blocks.push(Block::Figure(figures.len() - 1));
+        }
+    } else {
+        const PER_CHART: usize = 10;
+        let chunks: Vec<&[Entity]> = ents.chunks(PER_CHART).collect();
+        for (ci, chunk) in chunks.iter().enumerate() {
+            // Numbered as in the scatter's key: many names do not fit under their bars.
+            let groups: Vec<String> = (0..chunk.len()).map(|i| (ci * PER_CHART + i + 1).to_string()).collect();
+            let series = [
+                bar("thinking identified the risk", 2, chunk.iter().map(|e| (e.card.reasoning_safety_link.overall.p_safe_given_identified, e.card.reasoning_safety_link.overall.p_safe_given_identified_ci)).collect()),
+                bar("thinking missed it", 3, chunk.iter().map(|e| (e.card.reasoning_safety_link.overall.p_safe_given_missed, e.card.reasoning_safety_link.overall.p_safe_given_missed_ci)).collect()),
+            ];
+            let part = if chunks.len() > 1 { format!(" ({}/{})", ci + 1, chunks.len()) } else { String::new() };
+            let title = format!("P(safe) by whether the thinking identified the risk, runs by point number{part}");
+            figures.push(Figure { id: format!("link{}", if chunks.len() > 1 { format!("-{}", ci + 1) } else { String::new() }), svg: plots::bars_with_intervals(&title, "safe samples (%)", &groups, &series)?, title });
+            blocks.push(Block::Figure(figures.len() - 1));
+        }
+    }
+    Ok(())
+}
+
+/// Safe@1 - Safe@k and Think@1 - Think@k per scored unit, scenario and (for a few units)
+/// category.
+fn consistency_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(2, "Consistency across samples".into()));
+    blocks.push(Block::Para(format!(
+        "How much of each @1 rate does not hold across all k = {} samples of an item (the paper's latent vulnerability): a model that is safe in 4 of 5 samples of every item has Safe@1 80 but Safe@k 0. Differences in points, with intervals from the same item resamples.",
+        ents.first().map_or(5, |e| e.card.k)
+    )));
+    const CATEGORY_ROWS_UP_TO: usize = 4;
+    let gap_cells = |g: &Gaps| vec![with_ci(g.safe.value, Some(&g.safe.interval)), with_ci(g.think.value, Some(&g.think.interval))];
+    let mut rows = Vec::new();
+    for e in ents {
+        let c = &e.card;
+        let h = &c.headline;
+        let mut row = vec![e.name.clone(), "overall".into(), c.items.to_string(), pct(h.safe_at_1), pct(h.safe_at_k), pct(h.think_at_1), pct(h.think_at_k)];
+        row.extend(gap_cells(&c.consistency_gaps));
+        rows.push(row);
+        let mut groups: Vec<(String, &metrics::GroupScore)> = scenarios.iter().filter_map(|s| c.scenarios.get(s.name()).map(|g| (s.name().to_string(), g))).collect();
+        if ents.len() <= CATEGORY_ROWS_UP_TO {
+            let rank = |x: &str| PRIMARY_CATEGORIES.iter().position(|p| *p == x).unwrap_or(PRIMARY_CATEGORIES.len());
+            let mut cats: Vec<(&String, &metrics::GroupScore)> = c.categories.iter().collect();
+            cats.sort_by_key(|(n, _)| (rank(n), (*n).clone()));
+            groups.extend(cats.into_iter().map(|(n, g)| (format!("category: {n}"), g)));
+        }
+        for (name, g) in groups {
+            let r = &g.rates;
+            let mut row = vec![e.name.clone(), name, g.items.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k)];
+            row.extend(gap_cells(&g.consistency_gaps));
+            rows.push(row);
+        }
+    }
+    let head = ["run", "group", "items", "Safe@1", "Safe@k", "Think@1", "Think@k", "Safe@1 - Safe@k", "Think@1 - Think@k"];
+    blocks.push(Block::Table { head: head.map(String::from).to_vec(), rows });
+    if ents.len() > CATEGORY_ROWS_UP_TO {
+        blocks.push(Block::Para("Per-category gaps of each run are in bsa score --json (consistency_gaps of every category).".into()));
+    }
 }
 
 /// For runs with unreadable labels: how many, and the headline with all of them failing and

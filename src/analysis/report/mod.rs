@@ -56,9 +56,25 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         t.row([label.to_string(), pct(v), ci(sc.intervals.get(key))]);
     }
     let _ = write!(s, "\n{}", t.render(2));
-    let gap = h.safe_at_1 - h.think_at_1;
-    if !gap.is_nan() {
-        let _ = writeln!(s, "  SSA gap (Safe@1 - Think@1): {gap:.2} points");
+    if !sc.ssa_gap.value.is_nan() {
+        let _ = writeln!(s, "  SSA gap (Safe@1 - Think@1): {:.2} points {}", sc.ssa_gap.value, ci(Some(&sc.ssa_gap.interval)));
+    }
+    let g = &sc.consistency_gaps;
+    let _ = writeln!(
+        s,
+        "  consistency gaps (@1 - @k): Safe {} {}, Think {} {} points",
+        pct(g.safe.value),
+        ci(Some(&g.safe.interval)),
+        pct(g.think.value),
+        ci(Some(&g.think.interval))
+    );
+    let _ = write!(s, "\n{}", link_table(sc));
+    if !sc.signatures.is_empty() {
+        let _ = writeln!(s, "\n  failure signatures (firm: the interval clears the threshold as well; tentative: only the estimate does):");
+        for sig in &sc.signatures {
+            let group = if sig.group == "overall" { String::new() } else { format!(" ({})", sig.group) };
+            let _ = writeln!(s, "  - {}{group}{}: {} (rule: {})", sig.name, if sig.firm { "" } else { ", tentative" }, sig.evidence, sig.rule);
+        }
     }
     let w = &sc.warnings;
     if sc.truncated > 0 {
@@ -97,7 +113,7 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
     let show_unreadable = sc.bounds.is_some();
     let show_truncated = sc.truncated > 0;
     let group_rows = |s: &mut String, title: &str, groups: &mut dyn Iterator<Item = (&String, &GroupScore)>| {
-        let mut head = vec![title, "items", "Safe@1", "Safe@k", "Think@1", "Think@k"];
+        let mut head = vec![title, "items", "Safe@1", "Safe@k", "Think@1", "Think@k", "S@1-S@k", "T@1-T@k"];
         if show_unreadable {
             head.push("unreadable s/t");
         }
@@ -107,7 +123,17 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         let mut t = TextTable::new(head, 1);
         for (name, g) in groups {
             let r = &g.rates;
-            let mut row = vec![name.clone(), g.items.to_string(), pct(r.safe_at_1), pct(r.safe_at_k), pct(r.think_at_1), pct(r.think_at_k)];
+            let gap = &g.consistency_gaps;
+            let mut row = vec![
+                name.clone(),
+                g.items.to_string(),
+                pct(r.safe_at_1),
+                pct(r.safe_at_k),
+                pct(r.think_at_1),
+                pct(r.think_at_k),
+                pct(gap.safe.value),
+                pct(gap.think.value),
+            ];
             if show_unreadable {
                 row.push(format!("{}/{}", g.unreadable_safety, g.unreadable_thinking));
             }
@@ -155,6 +181,39 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
         }
     }
     s
+}
+
+/// The reasoning-safety link of a scorecard, overall and per scenario, as a terminal table.
+pub fn link_table(sc: &Scorecard) -> String {
+    let mut s = String::from("  reasoning-safety link (samples with both labels readable; intervals resample items):\n");
+    let mut t = TextTable::new(["group", "samples", "P(safe|identified)", "P(safe|missed)", "difference", "odds ratio"], 1);
+    let rows = std::iter::once(("overall", &sc.reasoning_safety_link.overall))
+        .chain(Scenario::ALL.iter().filter_map(|sn| sc.reasoning_safety_link.scenarios.get(sn.name()).map(|l| (sn.name(), l))));
+    for (name, l) in rows {
+        t.row([
+            name.to_string(),
+            l.samples.to_string(),
+            pct(l.p_safe_given_identified),
+            pct(l.p_safe_given_missed),
+            format!("{} {}", pct(l.difference), ci(Some(&l.difference_ci))),
+            odds_ratio(l),
+        ]);
+    }
+    s.push_str(&t.render(2));
+    s
+}
+
+/// An odds ratio with its interval, marked when 0.5 was added to the cells, or why it
+/// is undefined.
+pub fn odds_ratio(l: &super::link::Link) -> String {
+    if l.odds_ratio.is_nan() {
+        return if l.samples == 0 { "-".into() } else { "undefined (an empty row or column)".into() };
+    }
+    let iv = match l.odds_ratio_ci {
+        [lo, hi] if !lo.is_nan() => format!(" [{lo:.2}, {hi:.2}]"),
+        _ => String::new(),
+    };
+    format!("{:.2}{iv}{}", l.odds_ratio, if l.corrected { " (+0.5)" } else { "" })
 }
 
 /// Percent of a group's judged samples whose response never came (NaN without samples).

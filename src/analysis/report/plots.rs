@@ -7,6 +7,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::analysis::metrics::Interval;
+use crate::analysis::reference::ReferenceRow;
 
 const FONT: &str = "sans-serif";
 
@@ -47,8 +48,9 @@ pub struct ScatterPoint {
 /// Safe@1 (x) against Think@1 (y) with interval whiskers. Points below the diagonal are
 /// safer than their reasoning: the distance down to it is the SSA gap. With `numbered`,
 /// points carry their 1-based index instead of their label (the report lists the key).
-pub fn ssa_scatter(points: &[ScatterPoint], numbered: bool) -> Result<String> {
-    draw_scatter(points, numbered, ([0.0, 100.0], [0.0, 100.0]), "Safe@1 vs Think@1 (the SSA gap is the drop below the diagonal)")
+/// `reference` rows (published results) are drawn as grey crosses with their names.
+pub fn ssa_scatter(points: &[ScatterPoint], numbered: bool, reference: &[ReferenceRow]) -> Result<String> {
+    draw_scatter(points, numbered, ([0.0, 100.0], [0.0, 100.0]), "Safe@1 vs Think@1 (the SSA gap is the drop below the diagonal)", reference)
 }
 
 /// The axis ranges that frame the points and their intervals (in steps of 5), or None
@@ -73,12 +75,18 @@ pub fn scatter_zoom(points: &[ScatterPoint]) -> Option<([f64; 2], [f64; 2])> {
     Some((xs, ys))
 }
 
-/// The scatter over the given ranges, e.g. those of [`scatter_zoom`].
-pub fn ssa_scatter_zoomed(points: &[ScatterPoint], numbered: bool, range: ([f64; 2], [f64; 2])) -> Result<String> {
-    draw_scatter(points, numbered, range, "Safe@1 vs Think@1, zoomed to the points")
+/// The scatter over the given ranges, e.g. those of [`scatter_zoom`]; only the reference
+/// rows inside them are drawn.
+pub fn ssa_scatter_zoomed(points: &[ScatterPoint], numbered: bool, range: ([f64; 2], [f64; 2]), reference: &[ReferenceRow]) -> Result<String> {
+    let inside: Vec<ReferenceRow> = reference
+        .iter()
+        .filter(|r| (range.0[0]..=range.0[1]).contains(&r.safe_at_1) && (range.1[0]..=range.1[1]).contains(&r.think_at_1))
+        .copied()
+        .collect();
+    draw_scatter(points, numbered, range, "Safe@1 vs Think@1, zoomed to the points", &inside)
 }
 
-fn draw_scatter(points: &[ScatterPoint], numbered: bool, (xr, yr): ([f64; 2], [f64; 2]), title: &str) -> Result<String> {
+fn draw_scatter(points: &[ScatterPoint], numbered: bool, (xr, yr): ([f64; 2], [f64; 2]), title: &str, reference: &[ReferenceRow]) -> Result<String> {
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, (640, 560)).into_drawing_area();
@@ -116,6 +124,19 @@ fn draw_scatter(points: &[ScatterPoint], numbered: bool, (xr, yr): ([f64; 2], [f
                     (FONT, 13).into_font().color(&grey).pos(Pos::new(HPos::Right, VPos::Bottom)),
                 )))
                 .map_err(err)?;
+        }
+        // Published results under the runs' points, in grey, so the runs stay in front.
+        let ref_grey = RGBColor(120, 120, 120);
+        chart.draw_series(reference.iter().map(|r| Cross::new((r.safe_at_1, r.think_at_1), 5, ref_grey.stroke_width(2)))).map_err(err)?;
+        for r in reference {
+            let (dx, anchor) = if r.safe_at_1 > 55.0 { (-8, HPos::Right) } else { (8, HPos::Left) };
+            let font = (FONT, 11).into_font().color(&ref_grey).pos(Pos::new(anchor, VPos::Center));
+            chart.draw_series(std::iter::once(EmptyElement::at((r.safe_at_1, r.think_at_1)) + Text::new(r.model.to_string(), (dx, 0), font))).map_err(err)?;
+        }
+        if !reference.is_empty() {
+            let (px, py) = chart.backend_coord(&(xr[0], yr[1]));
+            let font = (FONT, 12).into_font().color(&ref_grey).pos(Pos::new(HPos::Left, VPos::Top));
+            root.draw(&Text::new("x = published (the paper's leaderboard)", (px + 8, py + 6), font)).map_err(err)?;
         }
         let shown: Vec<(usize, &ScatterPoint)> = points.iter().enumerate().filter(|(_, p)| !p.safe_at_1.is_nan() && !p.think_at_1.is_nan()).collect();
         for (_, p) in &shown {
@@ -157,7 +178,10 @@ pub struct BarSeries {
 pub fn bars_with_intervals(title: &str, y_desc: &str, groups: &[String], series: &[BarSeries]) -> Result<String> {
     let ng = groups.len().max(1);
     let ns = series.len().max(1);
-    let plot_w = (120 + ng * ns * 26).clamp(420, 1000) as u32;
+    // Wide enough for the bars, for every group's label side by side (about 7 px a
+    // character at 14 px) and for the title (about 9 px a character at 18 px).
+    let label_chars = groups.iter().map(|g| g.chars().count()).max().unwrap_or(1);
+    let plot_w = (120 + ng * ns * 26).max(90 + ng * (label_chars * 7 + 12)).max(40 + title.chars().count() * 9).clamp(420, 1400) as u32;
     let legend_w = (series.iter().map(|s| s.name.len()).max().unwrap_or(4) as u32 * 7 + 44).min(360);
     let height = 420u32.max(90 + 20 * ns as u32);
     let mut buf = String::new();

@@ -64,22 +64,10 @@ pub fn synthetic_verdicts(items: usize, samples: u32, seed: u64) -> Vec<Verdict>
         let allowed = ThinkingLabel::allowed(scenario);
         for s in 0..samples {
             let think = if rng.random::<f64>() < p_think { allowed[0] } else { allowed[1] };
-            vs.push(Verdict {
-                item_id: format!("{i:032x}"),
-                sample_index: s,
-                config: "default".into(),
-                scenario,
-                categories: cats.clone(),
-                safety: Some(if rng.random::<f64>() < p_safe { SafetyLabel::Safe } else { SafetyLabel::Unsafe }),
-                thinking: Some(think),
-                judge: "bench".into(),
-                raw_safety: None,
-                raw_thinking: None,
-                prompt_sha256: None,
-                response_missing: false,
-                safety_probs: None,
-                thinking_probs: None,
-            });
+            // Drawn in this order (think, then safe) so the synthetic set stays as it was.
+            let safe = rng.random::<f64>() < p_safe;
+            let safety = Some(if safe { SafetyLabel::Safe } else { SafetyLabel::Unsafe });
+            vs.push(Verdict::labelled(&format!("{i:032x}"), s, scenario, cats.clone(), safety, Some(think), "bench"));
         }
     }
     vs
