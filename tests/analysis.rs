@@ -338,7 +338,7 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     let runs: Vec<JudgedRun> = [&single, &sweep, &bare].iter().map(|p| JudgedRun::load(p).unwrap()).collect();
     assert!(runs[2].decodings.is_empty());
     let so = ScoreOptions { resamples: 200, ..Default::default() };
-    let rep = document::build(&runs, &ReportOptions { score: so.clone(), progress: false, reference: Default::default() }).unwrap();
+    let rep = document::build(&runs, &ReportOptions { score: so.clone(), progress: false, reference: Default::default(), baseline: None }).unwrap();
     assert_eq!(rep.entities.len(), 1 + 8 + 1);
     let out = dir.path().join("report");
     let w = document::write(&rep, &out).unwrap();
@@ -397,7 +397,7 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     // The analysis sections: signatures, the link (one chart of all ten units, numbered as
     // in the scatter), consistency gaps; the link table agrees with scoring the run alone.
     let headings: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("h2")).filter_map(|n| n.text()).collect();
-    for h in ["Failure signatures", "The reasoning-safety link", "Consistency across samples"] {
+    for h in ["Failure signatures", "The reasoning-safety link", "Consistency across samples", "The safety alignment tax"] {
         assert!(headings.contains(&h), "{h} in {headings:?}");
     }
     let link = find(&doc, "figure", "link").expect("one link chart for ten units");
@@ -411,6 +411,13 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     let row = cells.iter().find(|r| r.len() == 7 && r[0] == "model-c" && r[1] == "overall").expect("link row of model-c");
     assert_eq!(row[2], l.samples.to_string());
     assert!(row[3].starts_with(&format!("{:.2} [", l.p_safe_given_identified)) && row[4].starts_with(&format!("{:.2} [", l.p_safe_given_missed)), "{row:?}");
+    // The tax of every unit but the baseline (the first), with bsa compare's numbers.
+    let tax_rows: Vec<&Vec<String>> = cells.iter().filter(|r| r.len() == 6 && r[0] != "run (B)").collect();
+    assert_eq!(tax_rows.len(), 9, "{tax_rows:?}");
+    let c = compare(&runs[0], &runs[2], &CompareOptions { score: so.clone(), ..Default::default() }).unwrap();
+    let row = tax_rows.iter().find(|r| r[0] == "model-c").unwrap();
+    let ro = c.safety_tax.reasoning.iter().find(|m| m.group == "Risk Omission").unwrap();
+    assert!(row[1] == "12" && row[2].starts_with(&format!("{:+.2} [", ro.diff)) && row[5] == c.safety_tax.summary(), "{row:?}");
     let gaps = bare_card.consistency_gaps;
     let row = cells.iter().find(|r| r.len() == 9 && r[0] == "model-c" && r[1] == "overall").expect("consistency row of model-c");
     assert!(row[7].starts_with(&format!("{:.2} [", gaps.safe.value)) && row[8].starts_with(&format!("{:.2} [", gaps.think.value)), "{row:?}");
@@ -447,6 +454,8 @@ fn report_command_on_the_sample_run_and_its_errors() {
     }
     let err = fails(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--reference", "leaderboard"]));
     assert!(err.contains("--reference") && err.contains("paper"), "{err}");
+    let err = fails(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--baseline", "nope"]));
+    assert!(err.contains("--baseline \"nope\"") && err.contains("illustrative-model"), "{err}");
     // Several runs need --out; a missing run is named.
     let err = fails(&bsa(&["report", "data/sample-run", "data/sample-run"]));
     assert!(err.contains("--out"), "{err}");
@@ -463,7 +472,7 @@ fn report_sweeps_over_one_parameter_and_runs_without_samples() {
     // Two configurations but no samples.jsonl: listed by name, no heatmap.
     let blind = write_run(&dir.path().join("blind"), "m2", &items, &temps[..2], 2, false, &base_label);
     let runs: Vec<JudgedRun> = [&one, &blind].iter().map(|p| JudgedRun::load(p).unwrap()).collect();
-    let rep = document::build(&runs, &ReportOptions { score: ScoreOptions { resamples: 50, ..Default::default() }, progress: false, reference: Default::default() }).unwrap();
+    let rep = document::build(&runs, &ReportOptions { score: ScoreOptions { resamples: 50, ..Default::default() }, progress: false, reference: Default::default(), baseline: None }).unwrap();
     let ids: Vec<&str> = rep.figures.iter().map(|f| f.id.as_str()).collect();
     assert!(ids.contains(&"sweep-m1-safe_at_1") && ids.contains(&"sweep-m1-think_at_1"), "{ids:?}");
     assert!(!ids.iter().any(|i| i.starts_with("sweep-m2")), "{ids:?}");

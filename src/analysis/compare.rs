@@ -267,6 +267,21 @@ pub fn compare(a: &JudgedRun, b: &JudgedRun, opts: &CompareOptions) -> Result<Co
     })
 }
 
+impl SafetyTax {
+    /// The verdict in a few words, for tables that show the numbers beside it.
+    pub fn summary(&self) -> String {
+        let gloss = match self.verdict.as_str() {
+            "tax" => "reasoning bought with over-sensitivity",
+            "no tax" => "reasoning bought, over-sensitivity did not rise",
+            "cost only" => "more over-sensitive, no better reasoning",
+            "no change" => "neither moved beyond noise",
+            _ => self.explanation.as_str(),
+        };
+        let few = self.reasoning.iter().chain(&self.over_sensitive).any(|m| m.few_items);
+        format!("{}: {gloss}{}", self.verdict, if few { format!(" (groups under {MIN_ITEMS} items are never counted as moved)") } else { String::new() })
+    }
+}
+
 /// One metric's difference with its paired interval and p-value, from the resampled
 /// differences `draws` (NaN draws, where a resample left a group empty, are left out).
 #[allow(clippy::too_many_arguments)]

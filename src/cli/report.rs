@@ -24,6 +24,10 @@ pub struct ReportArgs {
     /// `none`.
     #[arg(long, value_name = "paper|none", default_value = "none", value_parser = Reference::parse)]
     pub reference: Reference,
+    /// The run the others are weighed against in the safety-tax section, named as the
+    /// report names it (`label` or `label@config`); default: the first.
+    #[arg(long, value_name = "NAME")]
+    pub baseline: Option<String>,
     #[command(flatten)]
     pub opts: ScoreOpts,
     /// No progress bars.
@@ -40,7 +44,7 @@ pub(super) fn run(a: ReportArgs) -> Result<()> {
         (None, _) => bail!("{} runs given: say where the report goes with --out DIR", a.runs.len()),
     };
     let runs = a.runs.iter().map(|r| JudgedRun::load(r)).collect::<Result<Vec<_>>>()?;
-    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet, reference: a.reference };
+    let opts = report::document::ReportOptions { score: a.opts.options(), progress: !a.quiet, reference: a.reference, baseline: a.baseline };
     let rep = report::document::build(&runs, &opts)?;
     let w = report::document::write(&rep, &out)?;
     out!("{}", report::document::summary_table(&rep));

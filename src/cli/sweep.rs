@@ -69,7 +69,7 @@ pub(super) fn run(a: SweepArgs) -> Result<()> {
     outln!("\n{}", bsa::analysis::sweep::table(&o.results));
     // The heatmaps: the same report `bsa report RUN` writes, into the run directory.
     let judged = JudgedRun::load(run)?;
-    let rep = report::document::build(std::slice::from_ref(&judged), &report::document::ReportOptions { score: opts.score.clone(), progress: !quiet, reference: Default::default() })?;
+    let rep = report::document::build(std::slice::from_ref(&judged), &report::document::ReportOptions { score: opts.score.clone(), progress: !quiet, reference: Default::default(), baseline: None })?;
     let w = report::document::write(&rep, run)?;
     outln!(
         "run directory: {} (samples.jsonl and verdicts.jsonl keyed by configuration, scores.json, {}); heatmaps in {} and {}",

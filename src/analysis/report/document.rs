@@ -26,6 +26,9 @@ pub struct ReportOptions {
     pub progress: bool,
     /// Published results drawn next to the runs in the Safe@1 vs Think@1 scatter.
     pub reference: Reference,
+    /// The scored unit (`label` or `label@config`, as the report names them) the others
+    /// are weighed against in the safety-tax section; None: the first.
+    pub baseline: Option<String>,
 }
 
 /// One scored unit of the report: a run, or one decoding configuration of a run.
@@ -133,7 +136,19 @@ pub fn build(runs: &[JudgedRun], opts: &ReportOptions) -> Result<Report> {
     }
     bar.finish_and_clear();
     let mut rep = Report { runs: runs.iter().map(|r| format!("{} ({})", r.label, r.path.display())).collect(), entities, figures: Vec::new(), blocks: Vec::new() };
+    let baseline = match &opts.baseline {
+        None => 0,
+        Some(b) => rep.entities.iter().position(|e| &e.name == b).ok_or_else(|| {
+            anyhow::anyhow!("--baseline {b:?} is none of the report's runs; use one of: {}", rep.entities.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
+        })?,
+    };
     lay_out(&mut rep, runs, &opts.score, opts.reference)?;
+    if rep.entities.len() > 1 {
+        let tax = tax_section(&rep.entities, baseline, runs, &opts.score);
+        // Before the risk categories: with the other analysis sections.
+        let at = rep.blocks.iter().position(|b| matches!(b, Block::Heading(2, t) if t == "Risk categories")).unwrap_or(rep.blocks.len());
+        rep.blocks.splice(at..at, tax);
+    }
     Ok(rep)
 }
 
@@ -442,6 +457,52 @@ fn link_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>
         }
     }
     Ok(())
+}
+
+/// The safety alignment tax of every scored unit against the baseline, as `bsa compare`
+/// weighs it: the reasoning bought on Risk Omission and Cognitive Shortcut and the price in
+/// Over Sensitive labels, paired on the items both share.
+fn tax_section(ents: &[Entity], baseline: usize, runs: &[JudgedRun], so: &ScoreOptions) -> Vec<Block> {
+    let base = &ents[baseline];
+    let mut blocks = vec![
+        Block::Heading(2, "The safety alignment tax".into()),
+        Block::Para(format!(
+            "Each run against the baseline {} (choose another with --baseline NAME), as bsa compare weighs them: B - A of Think@1 on Risk Omission and Cognitive Shortcut (the reasoning a mitigation buys) and of the share of Over Sensitive labels on Over Sensitivity items (the price the paper calls the safety alignment tax), in points on the items both share, with {:.0}% paired bootstrap intervals; * marks an interval that excludes 0 (groups of at least {} items).",
+            base.name,
+            so.confidence * 100.0,
+            super::super::compare::MIN_ITEMS
+        )),
+    ];
+    let cell = |m: Option<&crate::analysis::compare::MetricDiff>| match m {
+        None => "-".to_string(),
+        Some(m) if m.interval[0].is_nan() => format!("{:+.2}", m.diff),
+        Some(m) => format!("{:+.2} [{:+.1}, {:+.1}]{}", m.diff, m.interval[0], m.interval[1], if m.distinguishable { " *" } else { "" }),
+    };
+    let mut rows = Vec::new();
+    for (i, e) in ents.iter().enumerate() {
+        if i == baseline {
+            continue;
+        }
+        let opts = crate::analysis::compare::CompareOptions { score: so.clone(), config_a: Some(base.config.clone()), config_b: Some(e.config.clone()), progress: false };
+        match crate::analysis::compare::compare(&runs[base.run], &runs[e.run], &opts) {
+            Ok(c) => {
+                let t = &c.safety_tax;
+                let think = |s: Scenario| t.reasoning.iter().find(|m| m.group == s.name());
+                rows.push(vec![
+                    e.name.clone(),
+                    c.shared_items.to_string(),
+                    cell(think(Scenario::RiskOmission)),
+                    cell(think(Scenario::CognitiveShortcut)),
+                    cell(t.over_sensitive.as_ref()),
+                    t.summary(),
+                ]);
+            }
+            Err(err) => rows.push(vec![e.name.clone(), "0".into(), "-".into(), "-".into(), "-".into(), format!("cannot compare: {err}")]),
+        }
+    }
+    let head = ["run (B)", "shared items", "RO Think@1", "CS Think@1", "Over Sensitive labels %", "verdict"];
+    blocks.push(Block::Table { head: head.map(String::from).to_vec(), rows });
+    blocks
 }
 
 /// Safe@1 - Safe@k and Think@1 - Think@k per scored unit, scenario and (for a few units)
