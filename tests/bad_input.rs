@@ -159,6 +159,8 @@ const BAD_INPUTS: &[(&str, &[&str])] = &[
     ("generate --out {NEW} --request-timeout 0", &["--request-timeout", "'0'", "from 1 up"]),
     ("generate --out {NEW} --http-retries=-1", &["--http-retries", "'-1'", "from 0"]),
     ("generate --out {NEW} --shard 4/4", &["--shard", "4/4", "I/N"]),
+    ("generate --out {NEW} --per-scenario 0", &["--per-scenario", "'0'", "from 1 up"]),
+    ("generate --out {NEW} --selection-seed 3", &["--per-scenario"]),
     // bsa generate: bad files and values, refused before a model loads.
     ("generate --out {NEW} --scenario XX", &["--scenario", "\"XX\"", "Risk Omission"]),
     ("generate --out {NEW} --data /nonexistent/data.csv", &["/nonexistent/data.csv", "check the path"]),
