@@ -230,6 +230,13 @@ const BAD_INPUTS: &[(&str, &[&str])] = &[
     ("agree {JUDGED} {JUDGED} --resamples x", &["--resamples", "'x'"]),
     ("export {JUDGED} --official-csv {EXISTING}", &["existing.csv", "already exists"]),
     ("export /nonexistent/run --official-csv {NEW}", &["/nonexistent/run"]),
+    // bsa review writes nothing for a bad filter, configuration or run.
+    ("review {JUDGED} --category Nope", &["--category", "'Nope'", "Rumors"]),
+    ("review {JUDGED} --scenario XX", &["--scenario", "'XX'", "Over Sensitivity"]),
+    ("review {JUDGED} --failing both", &["--failing", "'both'", "either"]),
+    ("review {JUDGED} --config hot", &["no configuration \"hot\"", "--config"]),
+    ("review {CORRUPT}", &["verdicts.jsonl:2"]),
+    ("review /nonexistent/run", &["/nonexistent/run", "not a run directory"]),
     // bsa data, merge.
     ("data stats /nonexistent/data.csv", &["/nonexistent/data.csv", "check the path"]),
     ("data stats data/sample.csv --limit 0", &["--limit", "'0'"]),

@@ -27,6 +27,7 @@ mod judge;
 mod merge;
 mod models;
 mod report;
+mod review;
 mod score;
 mod serve;
 mod sweep;
@@ -136,6 +137,9 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Write report.md, a self-contained report.html and SVG plots for one or more runs.
     Report(report::ReportArgs),
+    /// Write a run's failing samples (of a scenario or category) as a CSV with columns for
+    /// your notes and a readable HTML page: read the failures before trying a fix.
+    Review(review::ReviewArgs),
     /// Benchmarks (never part of the tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -160,6 +164,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agree(a) => agree::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Report(a) => report::run(a),
+        Command::Review(a) => review::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Dev(c) => dev::run(c),
     }
