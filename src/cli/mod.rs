@@ -179,6 +179,47 @@ fn debug_note() -> &'static str {
 mod tests {
     use super::*;
 
+    /// A command line as a shell splits it: words at blanks, double quotes group.
+    fn shell_words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
+        for c in line.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    started = true;
+                }
+                c if c.is_whitespace() && !quoted => {
+                    if started {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    started = false;
+                }
+                c => {
+                    word.push(c);
+                    started = true;
+                }
+            }
+        }
+        if started {
+            words.push(word);
+        }
+        words
+    }
+
+    #[test]
+    fn the_readme_quick_profile_commands_parse() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme.split("## A quick profile first").nth(1).expect("the section");
+        let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+        let lines: Vec<String> = block.replace("\\\n", " ").lines().filter(|l| l.starts_with("bsa ")).map(str::to_string).collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        for line in lines {
+            if let Err(e) = Cli::try_parse_from(shell_words(&line)) {
+                panic!("README: {line}: {e}");
+            }
+        }
+    }
+
     #[test]
     fn an_error_chain_prints_without_backtrace_lines() {
         let bt = "   0: candle_core::error::Error::bt\n             at /root/.cargo/registry/src/candle-core-0.11.1/src/error.rs:260:25\n   1: <unknown>\n  12: std::rt::lang_start\n             at /rustc/abc/library/std/src/rt.rs:206:5\n";
