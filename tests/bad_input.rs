@@ -159,6 +159,8 @@ const BAD_INPUTS: &[(&str, &[&str])] = &[
     ("generate --out {NEW} --request-timeout 0", &["--request-timeout", "'0'", "from 1 up"]),
     ("generate --out {NEW} --http-retries=-1", &["--http-retries", "'-1'", "from 0"]),
     ("generate --out {NEW} --shard 4/4", &["--shard", "4/4", "I/N"]),
+    ("generate --out {NEW} --per-scenario 0", &["--per-scenario", "'0'", "from 1 up"]),
+    ("generate --out {NEW} --selection-seed 3", &["--per-scenario"]),
     // bsa generate: bad files and values, refused before a model loads.
     ("generate --out {NEW} --scenario XX", &["--scenario", "\"XX\"", "Risk Omission"]),
     ("generate --out {NEW} --data /nonexistent/data.csv", &["/nonexistent/data.csv", "check the path"]),
@@ -228,6 +230,13 @@ const BAD_INPUTS: &[(&str, &[&str])] = &[
     ("agree {JUDGED} {JUDGED} --resamples x", &["--resamples", "'x'"]),
     ("export {JUDGED} --official-csv {EXISTING}", &["existing.csv", "already exists"]),
     ("export /nonexistent/run --official-csv {NEW}", &["/nonexistent/run"]),
+    // bsa review writes nothing for a bad filter, configuration or run.
+    ("review {JUDGED} --category Nope", &["--category", "'Nope'", "Rumors"]),
+    ("review {JUDGED} --scenario XX", &["--scenario", "'XX'", "Over Sensitivity"]),
+    ("review {JUDGED} --failing both", &["--failing", "'both'", "either"]),
+    ("review {JUDGED} --config hot", &["no configuration \"hot\"", "--config"]),
+    ("review {CORRUPT}", &["verdicts.jsonl:2"]),
+    ("review /nonexistent/run", &["/nonexistent/run", "not a run directory"]),
     // bsa data, merge.
     ("data stats /nonexistent/data.csv", &["/nonexistent/data.csv", "check the path"]),
     ("data stats data/sample.csv --limit 0", &["--limit", "'0'"]),

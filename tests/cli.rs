@@ -57,6 +57,29 @@ fn data_stats_on_the_real_benchmark_match_its_readme() {
 }
 
 #[test]
+fn per_scenario_selects_a_balanced_subset_of_the_real_benchmark() {
+    let Some(p) = real_dataset() else { return };
+    let stats = |extra: &[&str]| -> Value {
+        let mut args = vec!["data", "stats", p.to_str().unwrap(), "--json", "--per-scenario", "20"];
+        args.extend_from_slice(extra);
+        serde_json::from_str::<Value>(&ok(&bsa(&args))).unwrap()["stats"].clone()
+    };
+    let st = stats(&[]);
+    assert_eq!(st["items"], 60);
+    for s in ["Risk Omission", "Cognitive Shortcut", "Over Sensitivity"] {
+        assert_eq!(st["per_scenario"][s], 20, "{s}");
+    }
+    assert_eq!(stats(&["--selection-seed", "0"]), st, "0 is the default seed");
+    assert_ne!(stats(&["--selection-seed", "5"])["per_subcategory"], st["per_subcategory"]);
+    // The filters first: one scenario's 20.
+    assert_eq!(stats(&["--scenario", "OS"])["items"], 20);
+    // A scenario with fewer items than asked gives them all, and says so.
+    let o = bsa(&["data", "stats", "data/sample.csv", "--json", "--per-scenario", "1000"]);
+    assert_eq!(serde_json::from_str::<Value>(&ok(&o)).unwrap()["stats"]["items"], 24);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("all of them are taken"));
+}
+
+#[test]
 fn sample_data_covers_every_scenario_and_category() {
     let out = ok(&bsa(&["data", "stats", "data/sample.csv", "--json"]));
     let v: Value = serde_json::from_str(&out).unwrap();

@@ -121,30 +121,10 @@ pub struct SafetyTax {
     pub explanation: String,
 }
 
-/// Picks the configuration of a run to compare.
-fn pick_config(run: &JudgedRun, wanted: Option<&str>, flag: &str) -> Result<(String, Vec<Verdict>)> {
-    let mut by = run.by_config();
-    let names: Vec<String> = by.keys().cloned().collect();
-    let name = match wanted {
-        Some(w) => w.to_string(),
-        None if names.len() == 1 => names[0].clone(),
-        None => bail!(
-            "{} holds {} decoding configurations ({}); pick one with {flag} NAME",
-            run.path.display(),
-            names.len(),
-            names.join(", ")
-        ),
-    };
-    match by.remove(&name) {
-        Some(vs) => Ok((name, vs)),
-        None => bail!("{}: no configuration {name:?} ({flag}); it holds {}", run.path.display(), names.join(", ")),
-    }
-}
-
 pub fn compare(a: &JudgedRun, b: &JudgedRun, opts: &CompareOptions) -> Result<Comparison> {
     opts.score.validate()?;
-    let (ca, va) = pick_config(a, opts.config_a.as_deref(), "--config-a")?;
-    let (cb, vb) = pick_config(b, opts.config_b.as_deref(), "--config-b")?;
+    let (ca, va) = a.pick_config(opts.config_a.as_deref(), "--config-a")?;
+    let (cb, vb) = b.pick_config(opts.config_b.as_deref(), "--config-b")?;
     let ta = tally(&va, opts.score.truncated)?;
     let tb = tally(&vb, opts.score.truncated)?;
     let b_index: HashMap<&str, &ItemTally> = tb.iter().map(|t| (t.id.as_str(), t)).collect();

@@ -136,6 +136,28 @@ impl JudgedRun {
         }
     }
 
+    /// The verdicts of one decoding configuration: `wanted`, or the only one the run holds.
+    /// Errors (naming `flag`, the option that picks one): the run holds several and none
+    /// is wanted, or it holds no `wanted`; both list the configurations it holds.
+    pub fn pick_config(&self, wanted: Option<&str>, flag: &str) -> Result<(String, Vec<Verdict>)> {
+        let mut by = self.by_config();
+        let names: Vec<String> = by.keys().cloned().collect();
+        let name = match wanted {
+            Some(w) => w.to_string(),
+            None if names.len() == 1 => names[0].clone(),
+            None => bail!("{} holds {} decoding configurations ({}); pick one with {flag} NAME", self.path.display(), names.len(), names.join(", ")),
+        };
+        match by.remove(&name) {
+            Some(vs) => Ok((name, vs)),
+            None => bail!("{}: no configuration {name:?} ({flag}); it holds {}", self.path.display(), names.join(", ")),
+        }
+    }
+
+    /// Whether the run has a samples.jsonl (the thinking and response texts).
+    pub fn has_samples(&self) -> bool {
+        self.samples_path.is_some()
+    }
+
     /// The run's samples by record key (empty when the run has no samples.jsonl).
     pub fn samples(&self) -> Result<HashMap<String, SampleRecord>> {
         let Some(p) = &self.samples_path else { return Ok(HashMap::new()) };

@@ -2,8 +2,8 @@
 //! gaps, with bootstrap intervals), [`link`] (the reasoning-safety link), [`signatures`] (the
 //! paper's failure patterns in plain words), [`agree`] (two labellings of the same samples),
 //! [`compare`] (two runs, paired, with the safety alignment tax), [`reference`] (the paper's
-//! published leaderboard) and [`report`] (markdown, HTML and SVG). [`judged_run`] loads a run
-//! for all of them.
+//! published leaderboard), [`report`] (markdown, HTML and SVG) and [`review`] (failing
+//! samples to read by hand). [`judged_run`] loads a run for all of them.
 
 pub mod agree;
 pub mod bootstrap;
@@ -13,6 +13,7 @@ pub mod link;
 pub mod metrics;
 pub mod reference;
 pub mod report;
+pub mod review;
 pub mod signatures;
 pub mod stats;
 pub mod sweep;

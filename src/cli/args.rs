@@ -22,6 +22,18 @@ pub struct SelectArgs {
     /// Keep items with a risk in these primary categories (any case); repeatable.
     #[arg(long)]
     pub category: Vec<String>,
+    /// A balanced quick profile: N items of each scenario, after the filters above, shared
+    /// out over the primary categories in proportion to their share of the scenario (a
+    /// Cognitive Shortcut item counts under its first risk's category) and drawn with
+    /// --selection-seed. A scenario with fewer items gives all of them (with a note). Items
+    /// keep the data's order; --limit and --shard apply after this.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    pub per_scenario: Option<usize>,
+    /// The seed of the --per-scenario draw (default 0), kept apart from --seed so that
+    /// runs with different sampling seeds profile the same items. The manifest records it
+    /// with the selection, so a resume draws the same items.
+    #[arg(long, value_name = "SEED", value_parser = seed, requires = "per_scenario")]
+    pub selection_seed: Option<u64>,
     /// Keep the first N items (after the filters above, before sharding).
     #[arg(long, value_name = "N", value_parser = positive)]
     pub limit: Option<usize>,
@@ -45,7 +57,15 @@ impl SelectArgs {
             })
             .collect::<Result<Vec<_>>>()?;
         let ids = self.ids.as_deref().map(read_id_file).transpose()?;
-        Ok(Selection { scenarios, categories: self.category.clone(), limit: self.limit, ids, shard: self.shard })
+        Ok(Selection {
+            scenarios,
+            categories: self.category.clone(),
+            limit: self.limit,
+            ids,
+            per_scenario: self.per_scenario,
+            seed: self.per_scenario.map(|_| self.selection_seed.unwrap_or(0)),
+            shard: self.shard,
+        })
     }
 }
 

@@ -26,7 +26,10 @@ pub struct StatsArgs {
 
 fn data_stats(a: StatsArgs) -> Result<()> {
     let ds = Dataset::load(&a.data)?;
-    let items = ds.select(&a.select.to_selection()?)?;
+    let (items, notes) = ds.select_noting(&a.select.to_selection()?)?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
     let st = DataStats::of(&items);
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&serde_json::json!({"source": ds.source, "sha256": ds.sha256, "stats": st}))?);

@@ -27,6 +27,7 @@ mod judge;
 mod merge;
 mod models;
 mod report;
+mod review;
 mod score;
 mod serve;
 mod sweep;
@@ -136,6 +137,9 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Write report.md, a self-contained report.html and SVG plots for one or more runs.
     Report(report::ReportArgs),
+    /// Write a run's failing samples (of a scenario or category) as a CSV with columns for
+    /// your notes and a readable HTML page: read the failures before trying a fix.
+    Review(review::ReviewArgs),
     /// Benchmarks (never part of the tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -160,6 +164,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agree(a) => agree::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Report(a) => report::run(a),
+        Command::Review(a) => review::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Dev(c) => dev::run(c),
     }
@@ -173,6 +178,47 @@ fn debug_note() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command line as a shell splits it: words at blanks, double quotes group.
+    fn shell_words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
+        for c in line.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    started = true;
+                }
+                c if c.is_whitespace() && !quoted => {
+                    if started {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    started = false;
+                }
+                c => {
+                    word.push(c);
+                    started = true;
+                }
+            }
+        }
+        if started {
+            words.push(word);
+        }
+        words
+    }
+
+    #[test]
+    fn the_readme_quick_profile_commands_parse() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme.split("## A quick profile first").nth(1).expect("the section");
+        let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+        let lines: Vec<String> = block.replace("\\\n", " ").lines().filter(|l| l.starts_with("bsa ")).map(str::to_string).collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        for line in lines {
+            if let Err(e) = Cli::try_parse_from(shell_words(&line)) {
+                panic!("README: {line}: {e}");
+            }
+        }
+    }
 
     #[test]
     fn an_error_chain_prints_without_backtrace_lines() {

@@ -81,6 +81,11 @@ impl Dataset {
     pub fn select(&self, sel: &Selection) -> Result<Vec<Item>> {
         sel.apply(&self.source, &self.items)
     }
+
+    /// [`Dataset::select`] with the selection's notes ([`Selection::apply_noting`]).
+    pub fn select_noting(&self, sel: &Selection) -> Result<(Vec<Item>, Vec<String>)> {
+        sel.apply_noting(&self.source, &self.items)
+    }
 }
 
 
@@ -283,8 +288,10 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Which items a run covers. Applied in a fixed order (ids, scenario, category, limit,
-/// shard) so that the shards of a limited run cover exactly the limited set.
+/// Which items a run covers. Applied in a fixed order (ids, scenario, category,
+/// per-scenario draw, limit, shard) so that the shards of a limited run cover exactly the
+/// limited set. The manifest records it as the job's `selection`; fields left at their
+/// default are not written, so a job that does not use one reads as it did before it existed.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Selection {
@@ -295,6 +302,12 @@ pub struct Selection {
     pub limit: Option<usize>,
     /// The ids from `--ids FILE`, in file order.
     pub ids: Option<Vec<String>>,
+    /// `--per-scenario N`: a balanced subset, N items of each scenario (see
+    /// [`Selection::apply_noting`]).
+    pub per_scenario: Option<usize>,
+    /// `--selection-seed`: the seed of the per-scenario draw; set with `per_scenario` (the
+    /// draw reads 0 when it is unset).
+    pub seed: Option<u64>,
     pub shard: Option<Shard>,
 }
 
@@ -304,7 +317,23 @@ impl Selection {
         Selection { shard: None, ..self.clone() }
     }
 
+    /// The selected items, in the data's order. Errors: an `--ids` id or a `--category`
+    /// that the data lacks (the message lists what it has).
     pub fn apply(&self, source: &str, items: &[Item]) -> Result<Vec<Item>> {
+        Ok(self.apply_noting(source, items)?.0)
+    }
+
+    /// [`Selection::apply`], with notes for the user about the selection (a scenario that
+    /// has fewer items than `--per-scenario` asks for, so all of them are taken).
+    ///
+    /// The per-scenario draw takes N items of each scenario left by the filters. Within a
+    /// scenario, N is shared out over the primary categories in proportion to their share
+    /// of its items (largest remainders; ties to the larger category, then by name);
+    /// Cognitive Shortcut items, which carry two risks, count under their first risk's
+    /// category. Each category's items are then drawn by a shuffle seeded with (seed,
+    /// scenario, category), so the draw depends only on those and on the data.
+    pub fn apply_noting(&self, source: &str, items: &[Item]) -> Result<(Vec<Item>, Vec<String>)> {
+        let mut notes = Vec::new();
         let mut picked: Vec<&Item> = items.iter().collect();
         if let Some(ids) = &self.ids {
             let known: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
@@ -340,14 +369,75 @@ impl Selection {
             }
             picked.retain(|i| i.risks.iter().any(|r| wanted.contains(&r.category)));
         }
+        if let Some(n) = self.per_scenario {
+            let seed = self.seed.unwrap_or(0);
+            let mut keep = HashSet::new();
+            for scenario in Scenario::ALL {
+                let of: Vec<&Item> = picked.iter().copied().filter(|i| i.scenario == scenario).collect();
+                if !of.is_empty() && of.len() < n {
+                    notes.push(format!(
+                        "--per-scenario {n}: {scenario} has only {} item(s) after the other filters; all of them are taken",
+                        of.len()
+                    ));
+                }
+                keep.extend(balanced_draw(scenario, &of, n, seed).into_iter().map(|i| i.id.as_str()));
+            }
+            picked.retain(|i| keep.contains(i.id.as_str()));
+        }
         if let Some(n) = self.limit {
             picked.truncate(n);
         }
         if let Some(shard) = self.shard {
             picked.retain(|i| shard.contains(&i.id));
         }
-        Ok(picked.into_iter().cloned().collect())
+        Ok((picked.into_iter().cloned().collect(), notes))
     }
+}
+
+/// `n` of one scenario's `items` (all of them when there are no more than `n`), stratified
+/// by the first risk's primary category as [`Selection::apply_noting`] describes.
+fn balanced_draw<'a>(scenario: Scenario, items: &[&'a Item], n: usize, seed: u64) -> Vec<&'a Item> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    let mut strata: BTreeMap<&str, Vec<&'a Item>> = BTreeMap::new();
+    for it in items {
+        strata.entry(it.risks[0].category.as_str()).or_default().push(it);
+    }
+    let quotas = largest_remainder(n, &strata.iter().map(|(c, v)| (*c, v.len())).collect::<Vec<_>>());
+    let mut out = Vec::with_capacity(n);
+    for ((category, mut members), quota) in strata.into_iter().zip(quotas) {
+        let key = format!("{seed}/{}/{category}", scenario.name());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(fnv1a64(key.as_bytes()));
+        members.shuffle(&mut rng);
+        out.extend(members.into_iter().take(quota));
+    }
+    out
+}
+
+/// Shares `n` out over `groups` (name, size) in proportion to their sizes, by the largest
+/// remainder method: each gets the floor of its exact share, and what is left goes one
+/// each to the largest remainders (ties: the larger group, then the name). With `n` no
+/// more than the total, no group gets more than its size.
+fn largest_remainder(n: usize, groups: &[(&str, usize)]) -> Vec<usize> {
+    let total: usize = groups.iter().map(|g| g.1).sum();
+    if total == 0 {
+        return vec![0; groups.len()];
+    }
+    let mut quotas: Vec<usize> = groups.iter().map(|g| n * g.1 / total).collect();
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    // Integer remainders (n * size mod total) keep the ranking exact.
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (n * groups[a].1 % total, n * groups[b].1 % total);
+        rb.cmp(&ra).then(groups[b].1.cmp(&groups[a].1)).then(groups[a].0.cmp(groups[b].0))
+    });
+    let left = n.min(total) - quotas.iter().sum::<usize>();
+    for &g in order.iter().take(left) {
+        quotas[g] += 1;
+    }
+    quotas
 }
 
 /// Reads an `--ids` file: one id per line, blank lines and `#` comments ignored.
@@ -524,6 +614,90 @@ c3,Harmless,sensitive but fine,Over Sensitivity,Pornography-Child Pornography\n"
         assert!(format!("{:#}", ds.select(&sel).unwrap_err()).contains("\"zz\""));
         let sel = Selection { ids: Some(vec!["c3".into(), "a1".into()]), ..Default::default() };
         assert_eq!(ds.select(&sel).unwrap().iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a1", "c3"]);
+    }
+
+    /// The real benchmark, or None with a loud note (BSA_REQUIRE_REAL_DATA=1 fails instead).
+    fn real_dataset() -> Option<Dataset> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bsa/dataset.csv");
+        if !p.exists() {
+            assert!(std::env::var("BSA_REQUIRE_REAL_DATA").is_err(), "the real BSA dataset is absent at {}", p.display());
+            eprintln!("\n*** SKIPPED: the real BSA dataset is absent at {} ***\n", p.display());
+            return None;
+        }
+        Some(Dataset::load_path(&p).unwrap())
+    }
+
+    fn ids(items: &[Item]) -> Vec<&str> {
+        items.iter().map(|i| i.id.as_str()).collect()
+    }
+
+    #[test]
+    fn per_scenario_draws_a_balanced_reproducible_subset_of_the_real_data() {
+        let Some(ds) = real_dataset() else { return };
+        let sel = |n: usize, seed: u64| Selection { per_scenario: Some(n), seed: Some(seed), ..Default::default() };
+        let (a, notes) = ds.select_noting(&sel(20, 0)).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(a.len(), 60);
+        // The data's order is kept.
+        let pos: HashMap<&str, usize> = ds.items.iter().enumerate().map(|(k, i)| (i.id.as_str(), k)).collect();
+        assert!(a.windows(2).all(|w| pos[w[0].id.as_str()] < pos[w[1].id.as_str()]));
+        for scenario in Scenario::ALL {
+            let all: Vec<&Item> = ds.items.iter().filter(|i| i.scenario == scenario).collect();
+            let got: Vec<&Item> = a.iter().filter(|i| i.scenario == scenario).collect();
+            assert_eq!(got.len(), 20, "{scenario}");
+            // Each first-risk category within 1 of its proportional share.
+            let mut cats: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+            for i in &all {
+                cats.entry(&i.risks[0].category).or_default().0 += 1;
+            }
+            for i in &got {
+                cats.entry(&i.risks[0].category).or_default().1 += 1;
+            }
+            for (c, (n_all, n_got)) in cats {
+                let share = 20.0 * n_all as f64 / all.len() as f64;
+                assert!((n_got as f64 - share).abs() < 1.0, "{scenario} {c}: {n_got} drawn, share {share:.2}");
+            }
+        }
+        assert_eq!(ids(&a), ids(&ds.select(&sel(20, 0)).unwrap()), "one seed, one draw");
+        assert_ne!(ids(&a), ids(&ds.select(&sel(20, 1)).unwrap()), "another seed, another draw");
+        // The filters come first, limit and shard after.
+        let os = Selection { scenarios: vec![Scenario::OverSensitivity], ..sel(20, 0) };
+        let os_items = ds.select(&os).unwrap();
+        assert_eq!(ids(&os_items), ids(&a).into_iter().filter(|id| os_items.iter().any(|i| i.id == *id)).collect::<Vec<_>>());
+        assert_eq!(os_items.len(), 20);
+        assert_eq!(ds.select(&Selection { limit: Some(7), ..sel(20, 0) }).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn per_scenario_takes_every_item_of_a_smaller_scenario_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Dataset::load_path(&write(&dir, "d.csv", GOOD.as_bytes())).unwrap();
+        let sel = Selection { per_scenario: Some(2), ..Default::default() };
+        let (items, notes) = ds.select_noting(&sel).unwrap();
+        assert_eq!(ids(&items), ["a1", "b2", "c3"]);
+        assert_eq!(notes.len(), 3);
+        assert!(notes[0].contains("--per-scenario 2") && notes[0].contains("Risk Omission has only 1"), "{}", notes[0]);
+        let (_, notes) = ds.select_noting(&Selection { per_scenario: Some(1), ..Default::default() }).unwrap();
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn largest_remainder_shares_out_exactly() {
+        assert_eq!(largest_remainder(20, &[("a", 300), ("b", 200), ("c", 100)]), [10, 7, 3]);
+        // Remainders tie (1/3 each): the larger group, then the name.
+        assert_eq!(largest_remainder(1, &[("b", 1), ("a", 1), ("c", 1)]), [0, 1, 0]);
+        assert_eq!(largest_remainder(2, &[("a", 1), ("b", 5)]), [0, 2]);
+        assert_eq!(largest_remainder(5, &[("a", 2), ("b", 3)]), [2, 3]);
+    }
+
+    #[test]
+    fn an_unused_per_scenario_leaves_the_recorded_selection_as_it_was() {
+        let sel = Selection { limit: Some(3), ..Default::default() };
+        assert_eq!(serde_json::to_string(&sel).unwrap(), r#"{"limit":3}"#);
+        let old: Selection = serde_json::from_str(r#"{"limit":3}"#).unwrap();
+        assert_eq!(old, sel);
+        let sel = Selection { per_scenario: Some(20), seed: Some(0), ..Default::default() };
+        assert_eq!(serde_json::to_string(&sel).unwrap(), r#"{"per_scenario":20,"seed":0}"#);
     }
 
     #[test]

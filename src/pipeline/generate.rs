@@ -248,7 +248,10 @@ fn selected_items(opts: &GenerateOptions) -> Result<(Dataset, Vec<Item>)> {
         bail!("--samples 0: must be at least 1 (the paper uses 5)");
     }
     let dataset = Dataset::load(&opts.data)?;
-    let items = dataset.select(&opts.selection)?;
+    let (items, notes) = dataset.select_noting(&opts.selection)?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
     if items.is_empty() {
         bail!("the selection matches no item of {}; loosen --scenario/--category/--ids/--shard", dataset.source);
     }
