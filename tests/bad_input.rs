@@ -224,6 +224,8 @@ const BAD_INPUTS: &[(&str, &[&str])] = &[
     ("report {JUDGED} --k 0", &["--k", "'0'"]),
     ("report {JUDGED} {CORRUPT}", &["--out DIR"]),
     ("report /nonexistent/run", &["/nonexistent/run"]),
+    ("report {JUDGED} --reference leaderboard", &["--reference", "\"leaderboard\"", "paper"]),
+    ("report {JUDGED} --baseline nope", &["--baseline \"nope\"", "illustrative-model"]),
     ("compare {JUDGED} /nonexistent/run", &["/nonexistent/run"]),
     ("compare {JUDGED} {JUDGED} --confidence 2", &["--confidence", "'2'"]),
     ("agree {JUDGED} {JUDGED} --sheet {EXISTING}", &["existing.csv", "already exists", "--sheet"]),

@@ -412,7 +412,9 @@ impl Review {
                 let _ = writeln!(s, "<h3>{head}</h3>\n<div class=\"text\">{}</div>", e(text));
             }
             for (head, text) in [("Thinking", &r.thinking), ("Response", &r.response)] {
-                let _ = writeln!(s, "<h3>{head}</h3>\n<pre>{}</pre>", e(text));
+                // An empty box reads like a rendering fault; say it is empty.
+                let shown = if text.trim().is_empty() { "(empty)".to_string() } else { e(text) };
+                let _ = writeln!(s, "<h3>{head}</h3>\n<pre>{shown}</pre>");
             }
             for (head, text) in [("The judge on the response's safety", &r.judge_safety_reply), ("The judge on the thinking", &r.judge_thinking_reply)] {
                 let _ = writeln!(s, "<details><summary>{head}</summary><pre>{}</pre></details>", e(text));

@@ -212,7 +212,7 @@ mod tests {
         let section = readme.split("## A quick profile first").nth(1).expect("the section");
         let block = section.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
         let lines: Vec<String> = block.replace("\\\n", " ").lines().filter(|l| l.starts_with("bsa ")).map(str::to_string).collect();
-        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(lines.len(), 6, "{lines:?}");
         for line in lines {
             if let Err(e) = Cli::try_parse_from(shell_words(&line)) {
                 panic!("README: {line}: {e}");
