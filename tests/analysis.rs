@@ -318,6 +318,10 @@ fn compare_asks_which_configuration_of_a_sweep() {
     assert!(err.contains("--config-b") && err.contains("t1-p1-k20"), "{err}");
     let out = ok(&bsa(&["compare", base.to_str().unwrap(), sweep.to_str().unwrap(), "--config-b", "t1-p1-k20", "--resamples", "50"]));
     assert!(out.contains("[config t1-p1-k20]"), "{out}");
+    // Two configurations of one sweep: what changed is their decoding, printed as the f32
+    // values they were (0.2, not 0.20000000298023224).
+    let out = ok(&bsa(&["compare", sweep.to_str().unwrap(), sweep.to_str().unwrap(), "--config-a", "t0.2-p0.8-k0", "--config-b", "t1-p1-k20", "--resamples", "50"]));
+    assert!(out.contains("B differs from A in: decoding.temperature: 0.2 -> 1; decoding.top_k: 0 -> 20; decoding.top_p: 0.8 -> 1"), "{out}");
 }
 
 fn find<'a>(doc: &'a roxmltree::Document, tag: &str, id: &str) -> Option<roxmltree::Node<'a, 'a>> {
@@ -393,7 +397,7 @@ fn report_of_three_kinds_of_run_has_every_plot_and_consistent_numbers() {
     let bare_row = rows.iter().find(|r| r[0] == "model-c").unwrap();
     assert!(bare_row[3].starts_with(&format!("{:.2} [", bare_card.headline.safe_at_1)), "{bare_row:?}");
     assert!(bare_row[5].starts_with(&format!("{:.2} [", bare_card.headline.think_at_1)), "{bare_row:?}");
-    assert_eq!(bare_row[8], format!("{:.2}", bare_card.headline.safe_at_1 - bare_card.headline.think_at_1));
+    assert!(bare_row[8].starts_with(&format!("{:.2} [", bare_card.headline.safe_at_1 - bare_card.headline.think_at_1)), "{bare_row:?}");
     // The analysis sections: signatures, the link (one chart of all ten units, numbered as
     // in the scatter), consistency gaps; the link table agrees with scoring the run alone.
     let headings: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("h2")).filter_map(|n| n.text()).collect();
@@ -454,6 +458,17 @@ fn report_command_on_the_sample_run_and_its_errors() {
     }
     let err = fails(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--reference", "leaderboard"]));
     assert!(err.contains("--reference") && err.contains("paper"), "{err}");
+    // Two runs of one model: told apart by their directories, each with its own plots,
+    // and either one a baseline by its directory.
+    let copy = dir.path().join("again");
+    common::copy_dir(std::path::Path::new("data/sample-run"), &copy);
+    let two = dir.path().join("two");
+    let stdout = ok(&bsa(&["report", "data/sample-run", copy.to_str().unwrap(), "--out", two.to_str().unwrap(), "--resamples", "50", "--baseline", copy.to_str().unwrap()]));
+    assert!(stdout.contains("illustrative-model (data/sample-run)") && stdout.contains(&format!("illustrative-model ({})", copy.display())), "{stdout}");
+    let written = std::fs::read_dir(two.join("plots")).unwrap().count();
+    assert!(stdout.contains(&format!("({written} plots in")), "every plot its own file: {written}: {stdout}");
+    let md = std::fs::read_to_string(two.join("report.md")).unwrap();
+    assert!(md.contains(&format!("Each run against the baseline illustrative-model ({})", copy.display())), "baseline by directory");
     let err = fails(&bsa(&["report", "data/sample-run", "--out", out.to_str().unwrap(), "--baseline", "nope"]));
     assert!(err.contains("--baseline \"nope\"") && err.contains("illustrative-model"), "{err}");
     // Several runs need --out; a missing run is named.

@@ -154,6 +154,10 @@ fn review_writes_the_failures_of_a_category_as_csv_and_html() {
     assert!(out.contains("Risk Omission") && out.contains("Pornography") && out.contains("worst category: Rumors"), "{out}");
     let (_, rows) = read_csv(&out_dir.join("either-all.csv"));
     assert_eq!(rows.len(), 5, "the Rumors four and o1#1 (unreadable safety)");
+    // A filter without failures: said so, and no empty files to mistake for a review.
+    let none_dir = dir.path().join("none");
+    let out = ok(&bsa(&["review", r, "--category", "Rumors", "--failing", "safety", "--scenario", "OS", "--out", none_dir.to_str().unwrap()]));
+    assert!(out.contains("nothing written") && !none_dir.exists(), "{out}");
 }
 
 #[test]
@@ -181,6 +185,8 @@ fn bad_review_input_names_the_problem_and_writes_nothing() {
         (&["--failing", "both"], &["--failing", "'both'", "either"]),
         (&["--config", "hot"], &["no configuration \"hot\"", "--config", "default"]),
         (&["--sample=-1"], &["--sample", "'-1'"]),
+        // A data file the user typed must work; the recorded one may be a warning.
+        (&["--data", "/nonexistent/data.csv"], &["--data", "/nonexistent/data.csv"]),
     ];
     for (args, expect) in cases {
         let mut all = vec!["review", r];

@@ -184,8 +184,9 @@ pub struct Review {
 
 /// Reviews `run`: picks the configuration, counts failures per scenario and category,
 /// filters, draws the sample and joins samples and items. Errors: the configuration (as
-/// [`JudgedRun::pick_config`]), a run without verdicts, an unreadable samples.jsonl. Data
-/// that cannot be loaded is a note, not an error.
+/// [`JudgedRun::pick_config`]), a run without verdicts, an unreadable samples.jsonl, a
+/// `--data` file given that cannot be used. The data file the run records failing to load
+/// is a note, not an error (the run may have moved).
 pub fn review(run: &JudgedRun, opts: &ReviewOptions) -> Result<Review> {
     if run.verdicts.is_empty() {
         bail!("{} has no verdicts: judge the samples first (bsa judge)", run.path.display());
@@ -194,8 +195,10 @@ pub fn review(run: &JudgedRun, opts: &ReviewOptions) -> Result<Review> {
     let mut notes = Vec::new();
     let items = match run.items(opts.data.as_deref()) {
         Ok(items) => items,
+        // A path the user typed is meant to work.
+        Err(e) if opts.data.is_some() => return Err(e.context("--data")),
         Err(e) => {
-            notes.push(format!("query and risk summary are empty: {e:#}"));
+            notes.push(format!("query and risk summary are empty: {e:#}; pass the benchmark file with --data FILE"));
             HashMap::new()
         }
     };
@@ -333,11 +336,12 @@ impl Review {
     }
 
     /// The primary category with the lowest share of passing samples (ties: more samples,
-    /// then the name), or None when no sample has a category.
+    /// then the name), or None when no sample has a category or every category passes
+    /// equally often (then none is worse).
     pub fn worst_category(&self) -> Option<&FailureCount> {
-        self.by_category.iter().filter(|c| c.samples > 0).min_by(|a, b| {
-            a.passing().total_cmp(&b.passing()).then(b.samples.cmp(&a.samples)).then(a.group.cmp(&b.group))
-        })
+        let cats: Vec<&FailureCount> = self.by_category.iter().filter(|c| c.samples > 0).collect();
+        let worst = cats.iter().copied().min_by(|a, b| a.passing().total_cmp(&b.passing()).then(b.samples.cmp(&a.samples)).then(a.group.cmp(&b.group)))?;
+        (cats.iter().any(|c| c.passing() != worst.passing())).then_some(worst)
     }
 
     /// The failure counts per scenario and category as a terminal table, and the worst

@@ -41,7 +41,8 @@ pub struct ReviewArgs {
     /// The data file, for the query and risk summary (default: the one the run names).
     #[arg(long, value_name = "FILE")]
     pub data: Option<String>,
-    /// Where to write FAILING-[SCENARIO-][CATEGORY].csv and .html (default: RUN/review/,
+    /// Where to write FAILING-[SCENARIO-][CATEGORY].csv and .html, e.g. either-all.csv,
+    /// safety-ro.csv, either-rumors.csv (default: RUN/review/,
     /// beside a verdicts file's run). A file there with other content is never overwritten.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -63,12 +64,17 @@ pub(super) fn run(a: ReviewArgs) -> Result<()> {
         let base = if a.run.is_file() { a.run.parent().map(PathBuf::from).unwrap_or_default() } else { a.run.clone() };
         base.join("review")
     });
-    let (csv, html) = rv.write(&dir)?;
     for n in &rv.notes {
         eprintln!("warning: {n}");
     }
     outln!("{} (configuration {}): {}", rv.label, rv.config, rv.filter());
     out!("{}", rv.table());
+    if rv.failures == 0 {
+        // Nothing to read: no empty files to mistake for a review.
+        outln!("  no failing sample among the {} in the filter; nothing written", rv.samples);
+        return Ok(());
+    }
+    let (csv, html) = rv.write(&dir)?;
     outln!("  {} failing of {} samples in the filter; written: {}", rv.failures, rv.samples, rv.drawn());
     outln!("  {}\n  {}", csv.display(), html.display());
     Ok(())

@@ -135,10 +135,13 @@ pub fn build(runs: &[JudgedRun], opts: &ReportOptions) -> Result<Report> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    unique_names(&mut entities, runs);
     let mut rep = Report { runs: runs.iter().map(|r| format!("{} ({})", r.label, r.path.display())).collect(), entities, figures: Vec::new(), blocks: Vec::new() };
+    // By name, or by the path of a run that is one unit.
+    let by_path = |e: &Entity, b: &str| Path::new(b) == runs[e.run].path && rep.entities.iter().filter(|x| x.run == e.run).count() == 1;
     let baseline = match &opts.baseline {
         None => 0,
-        Some(b) => rep.entities.iter().position(|e| &e.name == b).ok_or_else(|| {
+        Some(b) => rep.entities.iter().position(|e| &e.name == b || by_path(e, b)).ok_or_else(|| {
             anyhow::anyhow!("--baseline {b:?} is none of the report's runs; use one of: {}", rep.entities.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "))
         })?,
     };
@@ -150,6 +153,24 @@ pub fn build(runs: &[JudgedRun], opts: &ReportOptions) -> Result<Report> {
         rep.blocks.splice(at..at, tax);
     }
     Ok(rep)
+}
+
+/// Two runs of one model (a profile and the same model with the safety rules) share a
+/// label: such units are told apart by their run's path, and, were that the same too, by
+/// their place on the command line. Plot files are named after units, so names must differ.
+fn unique_names(entities: &mut [Entity], runs: &[JudgedRun]) {
+    let shared = |es: &[Entity]| -> Vec<bool> { es.iter().map(|e| es.iter().filter(|x| x.name == e.name).count() > 1).collect() };
+    for (i, dup) in shared(entities).into_iter().enumerate() {
+        if dup {
+            let e = &entities[i];
+            entities[i].name = format!("{} ({})", e.name, runs[e.run].path.display());
+        }
+    }
+    for (i, dup) in shared(entities).into_iter().enumerate() {
+        if dup {
+            entities[i].name = format!("{} #{}", entities[i].name, entities[i].run + 1);
+        }
+    }
 }
 
 fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions, reference: Reference) -> Result<()> {
@@ -190,7 +211,7 @@ fn lay_out(rep: &mut Report, runs: &[JudgedRun], so: &ScoreOptions, reference: R
                 with_ci(h.think_at_1, iv("think_at_1")),
                 with_ci(h.think_at_k, iv("think_at_k")),
                 with_ci(h.f_score, iv("f_score")),
-                pct(h.safe_at_1 - h.think_at_1),
+                with_ci(e.card.ssa_gap.value, Some(&e.card.ssa_gap.interval)),
             ]
         })
         .collect();
@@ -410,18 +431,32 @@ fn link_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>
                 l.samples.to_string(),
                 with_ci(l.p_safe_given_identified, Some(&l.p_safe_given_identified_ci)),
                 with_ci(l.p_safe_given_missed, Some(&l.p_safe_given_missed_ci)),
-                with_ci(l.difference, Some(&l.difference_ci)),
+                super::difference(l),
                 super::odds_ratio(l),
             ]);
         }
     }
     let head = ["run", "group", "samples", "P(safe | identified) %", "P(safe | missed) %", "difference (points)", "odds ratio"];
     blocks.push(Block::Table { head: head.map(String::from).to_vec(), rows });
+    let notes: Vec<String> = ents
+        .iter()
+        .flat_map(|e| {
+            let link = &e.card.reasoning_safety_link;
+            let rows: Vec<(&str, &crate::analysis::link::Link)> =
+                std::iter::once(("overall", &link.overall)).chain(scenarios.iter().filter_map(|s| link.scenarios.get(s.name()).map(|l| (s.name(), l)))).collect();
+            super::link_notes(&rows, e.card.bootstrap.resamples).into_iter().map(move |n| if n.starts_with('+') || n.starts_with("reversed") { n } else { format!("{}, {n}", e.name) })
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !notes.is_empty() {
+        blocks.push(Block::Bullets(notes));
+    }
     let bar = |name: &str, series: usize, values: Vec<(f64, Interval)>| BarSeries { name: name.into(), series, values };
     // Green for identified, red for missed (palette entries 2 and 3). One chart per unit
     // while the scatter names its points; beyond that one chart of all, by point number.
     if ents.len() <= NUMBERED_ABOVE {
-        let mut groups = vec!["all".to_string()];
+        let mut groups = vec!["overall".to_string()];
         groups.extend(scenarios.iter().map(|s| s.name().to_string()));
         for e in ents {
             let link = &e.card.reasoning_safety_link;

@@ -187,24 +187,44 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
 pub fn link_table(sc: &Scorecard) -> String {
     let mut s = String::from("  reasoning-safety link (samples with both labels readable; intervals resample items):\n");
     let mut t = TextTable::new(["group", "samples", "P(safe|identified)", "P(safe|missed)", "difference", "odds ratio"], 1);
-    let rows = std::iter::once(("overall", &sc.reasoning_safety_link.overall))
-        .chain(Scenario::ALL.iter().filter_map(|sn| sc.reasoning_safety_link.scenarios.get(sn.name()).map(|l| (sn.name(), l))));
-    for (name, l) in rows {
-        t.row([
-            name.to_string(),
-            l.samples.to_string(),
-            pct(l.p_safe_given_identified),
-            pct(l.p_safe_given_missed),
-            format!("{} {}", pct(l.difference), ci(Some(&l.difference_ci))),
-            odds_ratio(l),
-        ]);
+    let rows: Vec<(&str, &super::link::Link)> = std::iter::once(("overall", &sc.reasoning_safety_link.overall))
+        .chain(Scenario::ALL.iter().filter_map(|sn| sc.reasoning_safety_link.scenarios.get(sn.name()).map(|l| (sn.name(), l))))
+        .collect();
+    for (name, l) in &rows {
+        t.row([name.to_string(), l.samples.to_string(), pct(l.p_safe_given_identified), pct(l.p_safe_given_missed), difference(l), odds_ratio(l)]);
     }
     s.push_str(&t.render(2));
+    for line in link_notes(&rows, sc.bootstrap.resamples) {
+        let _ = writeln!(s, "  {line}");
+    }
     s
 }
 
-/// An odds ratio with its interval, marked when 0.5 was added to the cells, or why it
-/// is undefined.
+/// The difference of the two proportions with its interval; "-" when undefined.
+pub fn difference(l: &super::link::Link) -> String {
+    if l.difference.is_nan() { "-".into() } else { format!("{} {}", pct(l.difference), ci(Some(&l.difference_ci))) }
+}
+
+/// What the marks in a link table mean, and the groups whose odds ratio was undefined in
+/// some resamples; empty when there is nothing to explain.
+pub fn link_notes(rows: &[(&str, &super::link::Link)], resamples: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    if rows.iter().any(|(_, l)| l.corrected) {
+        out.push("+0.5: a cell of the table was zero, so 0.5 was added to every cell before taking the odds ratio".to_string());
+    }
+    if rows.iter().any(|(_, l)| l.reversed_by_correction) {
+        out.push("reversed: the +0.5 correction put the odds ratio on the other side of 1 from the difference; read the difference".to_string());
+    }
+    for (name, l) in rows {
+        if l.undefined_resamples > 0 && !l.odds_ratio.is_nan() {
+            out.push(format!("{name}: the odds ratio was undefined (an empty row or column) in {} of {resamples} resamples, left out of its interval", l.undefined_resamples));
+        }
+    }
+    out
+}
+
+/// An odds ratio with its interval, marked when 0.5 was added to the cells (and when that
+/// reversed its direction), or why it is undefined.
 pub fn odds_ratio(l: &super::link::Link) -> String {
     if l.odds_ratio.is_nan() {
         return if l.samples == 0 { "-".into() } else { "undefined (an empty row or column)".into() };
@@ -213,7 +233,12 @@ pub fn odds_ratio(l: &super::link::Link) -> String {
         [lo, hi] if !lo.is_nan() => format!(" [{lo:.2}, {hi:.2}]"),
         _ => String::new(),
     };
-    format!("{:.2}{iv}{}", l.odds_ratio, if l.corrected { " (+0.5)" } else { "" })
+    let mark = match (l.corrected, l.reversed_by_correction) {
+        (_, true) => " (+0.5, reversed)",
+        (true, false) => " (+0.5)",
+        _ => "",
+    };
+    format!("{:.2}{iv}{mark}", l.odds_ratio)
 }
 
 /// Percent of a group's judged samples whose response never came (NaN without samples).
