@@ -69,6 +69,23 @@ fn per_scenario_selects_a_balanced_subset_of_the_real_benchmark() {
     for s in ["Risk Omission", "Cognitive Shortcut", "Over Sensitivity"] {
         assert_eq!(st["per_scenario"][s], 20, "{s}");
     }
+    // Each scenario's 20 shared over the categories in proportion to the full benchmark's
+    // items per (scenario, first risk's category), within one item.
+    let full: Value = serde_json::from_str::<Value>(&ok(&bsa(&["data", "stats", p.to_str().unwrap(), "--json"]))).unwrap()["stats"].clone();
+    for (scen, cats) in full["per_scenario_category"].as_object().unwrap() {
+        let total: f64 = cats.as_object().unwrap().values().map(|n| n.as_f64().unwrap()).sum();
+        for (cat, n) in cats.as_object().unwrap() {
+            let want = 20.0 * n.as_f64().unwrap() / total;
+            let got = st["per_scenario_category"][scen][cat].as_f64().unwrap_or(0.0);
+            assert!((got - want).abs() <= 1.0, "{scen} / {cat}: {got} drawn, {want:.2} proportional");
+        }
+    }
+    // The JSON names the selection and the ids it picked; the table shows the spread.
+    let js: Value = serde_json::from_str(&ok(&bsa(&["data", "stats", p.to_str().unwrap(), "--json", "--per-scenario", "20"]))).unwrap();
+    assert_eq!(js["selection"]["per_scenario"], 20);
+    assert_eq!(js["ids"].as_array().map(Vec::len), Some(60));
+    let table = ok(&bsa(&["data", "stats", p.to_str().unwrap(), "--per-scenario", "20"]));
+    assert!(table.contains("items by first risk's category"), "{table}");
     assert_eq!(stats(&["--selection-seed", "0"]), st, "0 is the default seed");
     assert_ne!(stats(&["--selection-seed", "5"])["per_subcategory"], st["per_subcategory"]);
     // The filters first: one scenario's 20.

@@ -26,13 +26,16 @@ pub struct StatsArgs {
 
 fn data_stats(a: StatsArgs) -> Result<()> {
     let ds = Dataset::load(&a.data)?;
-    let (items, notes) = ds.select_noting(&a.select.to_selection()?)?;
+    let selection = a.select.to_selection()?;
+    let (items, notes) = ds.select_noting(&selection)?;
     for n in notes {
         eprintln!("note: {n}");
     }
     let st = DataStats::of(&items);
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({"source": ds.source, "sha256": ds.sha256, "stats": st}))?);
+        // The selection and the ids it picked, so a draw can be checked or reused (--ids).
+        let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({"source": ds.source, "sha256": ds.sha256, "selection": selection, "stats": st, "ids": ids}))?);
     } else {
         out!("{}", report::stats_table(&ds.source, &st));
         outln!("\n  sha256 {}", ds.sha256);

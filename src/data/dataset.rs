@@ -463,6 +463,10 @@ pub struct DataStats {
     pub per_scenario: BTreeMap<String, usize>,
     pub per_category: BTreeMap<String, usize>,
     pub per_subcategory: BTreeMap<String, usize>,
+    /// Items per scenario and primary category, a Cognitive Shortcut item under its first
+    /// risk's category: the strata `--per-scenario` shares its draw over.
+    #[serde(default)]
+    pub per_scenario_category: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
 impl DataStats {
@@ -470,6 +474,9 @@ impl DataStats {
         let mut s = DataStats { items: items.len(), ..Default::default() };
         for it in items {
             *s.per_scenario.entry(it.scenario.name().to_string()).or_default() += 1;
+            if let Some(first) = it.risks.first() {
+                *s.per_scenario_category.entry(it.scenario.name().to_string()).or_default().entry(first.category.clone()).or_default() += 1;
+            }
             for r in &it.risks {
                 *s.per_category.entry(r.category.clone()).or_default() += 1;
                 *s.per_subcategory.entry(format!("{}-{}", r.category, r.subcategory)).or_default() += 1;

@@ -261,5 +261,17 @@ pub fn stats_table(source: &str, st: &DataStats) -> String {
         t.row([c.to_string(), n.to_string()]);
     }
     let _ = write!(s, "\n{}", t.render(2));
+    // Items per scenario and category (a Cognitive Shortcut item under its first risk's):
+    // how a --per-scenario draw spreads.
+    let scen: Vec<Scenario> = Scenario::ALL.iter().copied().filter(|sc| st.per_scenario_category.contains_key(sc.name())).collect();
+    let mut head = vec!["items by first risk's category".to_string()];
+    head.extend(scen.iter().map(|sc| sc.short().to_uppercase()));
+    let mut t = TextTable::new(head, 1);
+    for (c, _) in st.categories_by_count() {
+        let mut row = vec![c.to_string()];
+        row.extend(scen.iter().map(|sc| st.per_scenario_category[sc.name()].get(c).copied().unwrap_or(0).to_string()));
+        t.row(row);
+    }
+    let _ = write!(s, "\n{}", t.render(2));
     s
 }
