@@ -162,8 +162,7 @@ pub fn compare(a: &JudgedRun, b: &JudgedRun, opts: &CompareOptions) -> Result<Co
     let (osa, osb) = (over_sensitive_shares(&va), over_sensitive_shares(&vb));
     let share_of = |m: &HashMap<&str, f64>| shared_a.iter().map(|t| m.get(t.id.as_str()).copied().unwrap_or(f64::NAN)).collect::<Vec<f64>>();
     let (sa, sb) = (share_of(&osa), share_of(&osb));
-    let ones_w = vec![1u32; n];
-    let (os_a, os_b) = (weighted_mean(&sa, &ones_w), weighted_mean(&sb, &ones_w));
+    let (os_a, os_b) = (weighted_mean(&sa, &ones), weighted_mean(&sb, &ones));
 
     let bar = progress_bar(opts.progress, so.resamples as u64, "paired bootstrap");
     let draws: Vec<Vec<f64>> = (0..so.resamples)

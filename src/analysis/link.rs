@@ -126,6 +126,13 @@ pub struct ReasoningSafetyLink {
     pub scenarios: BTreeMap<String, Link>,
 }
 
+impl ReasoningSafetyLink {
+    /// ("overall", the run's link), then each scenario present, in the benchmark's order.
+    pub fn groups(&self) -> Vec<(&'static str, &Link)> {
+        std::iter::once(("overall", &self.overall)).chain(Scenario::ALL.iter().filter_map(|s| self.scenarios.get(s.name()).map(|l| (s.name(), l)))).collect()
+    }
+}
+
 /// Groups: 0 = overall, 1..=3 the scenarios in [`Scenario::ALL`] order.
 const GROUPS: usize = 4;
 

@@ -404,7 +404,7 @@ fn balanced_draw<'a>(scenario: Scenario, items: &[&'a Item], n: usize, seed: u64
     }
     let mut strata: BTreeMap<&str, Vec<&'a Item>> = BTreeMap::new();
     for it in items {
-        strata.entry(it.risks[0].category.as_str()).or_default().push(it);
+        strata.entry(stratum(it).unwrap_or_default()).or_default().push(it);
     }
     let quotas = largest_remainder(n, &strata.iter().map(|(c, v)| (*c, v.len())).collect::<Vec<_>>());
     let mut out = Vec::with_capacity(n);
@@ -415,6 +415,13 @@ fn balanced_draw<'a>(scenario: Scenario, items: &[&'a Item], n: usize, seed: u64
         out.extend(members.into_iter().take(quota));
     }
     out
+}
+
+/// The primary category an item counts under in a per-scenario draw: its first risk's
+/// (a Cognitive Shortcut item carries two). None only for an item built without risks;
+/// items read from data always have one (checked when the data is read).
+fn stratum(it: &Item) -> Option<&str> {
+    it.risks.first().map(|r| r.category.as_str())
 }
 
 /// Shares `n` out over `groups` (name, size) in proportion to their sizes, by the largest
@@ -474,8 +481,8 @@ impl DataStats {
         let mut s = DataStats { items: items.len(), ..Default::default() };
         for it in items {
             *s.per_scenario.entry(it.scenario.name().to_string()).or_default() += 1;
-            if let Some(first) = it.risks.first() {
-                *s.per_scenario_category.entry(it.scenario.name().to_string()).or_default().entry(first.category.clone()).or_default() += 1;
+            if let Some(c) = stratum(it) {
+                *s.per_scenario_category.entry(it.scenario.name().to_string()).or_default().entry(c.to_string()).or_default() += 1;
             }
             for r in &it.risks {
                 *s.per_category.entry(r.category.clone()).or_default() += 1;

@@ -422,9 +422,7 @@ fn link_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>
     ));
     let mut rows = Vec::new();
     for e in ents {
-        let link = &e.card.reasoning_safety_link;
-        let groups = std::iter::once(("overall", &link.overall)).chain(scenarios.iter().filter_map(|s| link.scenarios.get(s.name()).map(|l| (s.name(), l))));
-        for (g, l) in groups {
+        for (g, l) in e.card.reasoning_safety_link.groups() {
             rows.push(vec![
                 e.name.clone(),
                 g.to_string(),
@@ -438,17 +436,11 @@ fn link_section(ents: &[Entity], scenarios: &[Scenario], blocks: &mut Vec<Block>
     }
     let head = ["run", "group", "samples", "P(safe | identified) %", "P(safe | missed) %", "difference (points)", "odds ratio"];
     blocks.push(Block::Table { head: head.map(String::from).to_vec(), rows });
-    let notes: Vec<String> = ents
-        .iter()
-        .flat_map(|e| {
-            let link = &e.card.reasoning_safety_link;
-            let rows: Vec<(&str, &crate::analysis::link::Link)> =
-                std::iter::once(("overall", &link.overall)).chain(scenarios.iter().filter_map(|s| link.scenarios.get(s.name()).map(|l| (s.name(), l)))).collect();
-            super::link_notes(&rows, e.card.bootstrap.resamples).into_iter().map(move |n| if n.starts_with('+') || n.starts_with("reversed") { n } else { format!("{}, {n}", e.name) })
-        })
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let mut notes = super::link_legend(ents.iter().flat_map(|e| e.card.reasoning_safety_link.groups().into_iter().map(|g| g.1)));
+    for e in ents {
+        let undefined = super::link_undefined(&e.card.reasoning_safety_link.groups(), e.card.bootstrap.resamples);
+        notes.extend(undefined.into_iter().map(|n| format!("{}, {n}", e.name)));
+    }
     if !notes.is_empty() {
         blocks.push(Block::Bullets(notes));
     }

@@ -187,14 +187,12 @@ pub fn scorecard_table(name: &str, sc: &Scorecard) -> String {
 pub fn link_table(sc: &Scorecard) -> String {
     let mut s = String::from("  reasoning-safety link (samples with both labels readable; intervals resample items):\n");
     let mut t = TextTable::new(["group", "samples", "P(safe|identified)", "P(safe|missed)", "difference", "odds ratio"], 1);
-    let rows: Vec<(&str, &super::link::Link)> = std::iter::once(("overall", &sc.reasoning_safety_link.overall))
-        .chain(Scenario::ALL.iter().filter_map(|sn| sc.reasoning_safety_link.scenarios.get(sn.name()).map(|l| (sn.name(), l))))
-        .collect();
-    for (name, l) in &rows {
+    let groups = sc.reasoning_safety_link.groups();
+    for (name, l) in &groups {
         t.row([name.to_string(), l.samples.to_string(), pct(l.p_safe_given_identified), pct(l.p_safe_given_missed), difference(l), odds_ratio(l)]);
     }
     s.push_str(&t.render(2));
-    for line in link_notes(&rows, sc.bootstrap.resamples) {
+    for line in link_legend(groups.iter().map(|g| g.1)).into_iter().chain(link_undefined(&groups, sc.bootstrap.resamples)) {
         let _ = writeln!(s, "  {line}");
     }
     s
@@ -205,22 +203,32 @@ pub fn difference(l: &super::link::Link) -> String {
     if l.difference.is_nan() { "-".into() } else { format!("{} {}", pct(l.difference), ci(Some(&l.difference_ci))) }
 }
 
-/// What the marks in a link table mean, and the groups whose odds ratio was undefined in
-/// some resamples; empty when there is nothing to explain.
-pub fn link_notes(rows: &[(&str, &super::link::Link)], resamples: usize) -> Vec<String> {
+/// What the marks of [`odds_ratio`] in a table of these links mean; empty when no link
+/// is marked.
+pub fn link_legend<'a>(links: impl IntoIterator<Item = &'a super::link::Link>) -> Vec<String> {
+    let (mut corrected, mut reversed) = (false, false);
+    for l in links {
+        corrected |= l.corrected;
+        reversed |= l.reversed_by_correction;
+    }
     let mut out = Vec::new();
-    if rows.iter().any(|(_, l)| l.corrected) {
+    if corrected {
         out.push("+0.5: a cell of the table was zero, so 0.5 was added to every cell before taking the odds ratio".to_string());
     }
-    if rows.iter().any(|(_, l)| l.reversed_by_correction) {
+    if reversed {
         out.push("reversed: the +0.5 correction put the odds ratio on the other side of 1 from the difference; read the difference".to_string());
     }
-    for (name, l) in rows {
-        if l.undefined_resamples > 0 && !l.odds_ratio.is_nan() {
-            out.push(format!("{name}: the odds ratio was undefined (an empty row or column) in {} of {resamples} resamples, left out of its interval", l.undefined_resamples));
-        }
-    }
     out
+}
+
+/// The groups whose odds ratio was undefined in some of the `resamples` (and so left out
+/// of its interval).
+pub fn link_undefined(groups: &[(&str, &super::link::Link)], resamples: usize) -> Vec<String> {
+    groups
+        .iter()
+        .filter(|(_, l)| l.undefined_resamples > 0 && !l.odds_ratio.is_nan())
+        .map(|(name, l)| format!("{name}: the odds ratio was undefined (an empty row or column) in {} of {resamples} resamples, left out of its interval", l.undefined_resamples))
+        .collect()
 }
 
 /// An odds ratio with its interval, marked when 0.5 was added to the cells (and when that
