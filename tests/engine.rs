@@ -50,7 +50,7 @@ fn run_with(m: &load::LoadedModel, groups: Vec<PromptGroup>, batch: usize, block
         &mut cache,
         &cfg,
         groups,
-        &mut |_, _| false,
+        &mut |_, _, _| false,
         &mut |f| {
             out[f.tag] = f.tokens;
             Ok(())

@@ -39,13 +39,13 @@ fn dense_greedy_continuations_match_quantized_llama() {
         .enumerate()
         .map(|(i, p)| PromptGroup {
             prompt: p.clone(),
-            samples: vec![SampleSpec { tag: i, params: SamplingParams::greedy(), stream: StreamKey::new(0, "x", 0), max_new_tokens: new_tokens, ignore_eos: false, grammar: None }],
+            samples: vec![SampleSpec { tag: i, params: SamplingParams::greedy(), stream: StreamKey::new(0, "x", 0), max_new_tokens: new_tokens, ignore_eos: false, grammar: None, logprobs: None }],
         })
         .collect();
     let mut ours = vec![Vec::new(); prompts.len()];
     let mut cache = KvCache::new(&m.config, 16, 256, DType::F32, &Device::Cpu).unwrap();
     let cfg = SchedulerConfig { max_batch: 8, prefill_chunk: 512, eos: m.eos_ids.clone(), max_model_len: None };
-    scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups, &mut |_, _| false, &mut |f| {
+    scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups, &mut |_, _, _| false, &mut |f| {
         ours[f.tag] = f.tokens;
         Ok(())
     }, &mut |_| {})

@@ -610,7 +610,7 @@ impl Backend for LocalBackend {
                 .samples
                 .into_iter()
                 .map(|s| {
-                    let spec = SampleSpec { tag: s.tag, params: sampling_params(&s.decoding), stream: s.stream, max_new_tokens: s.decoding.max_new_tokens, ignore_eos: s.decoding.ignore_eos, grammar: grammar.clone() };
+                    let spec = SampleSpec { tag: s.tag, params: sampling_params(&s.decoding), stream: s.stream, max_new_tokens: s.decoding.max_new_tokens, ignore_eos: s.decoding.ignore_eos, grammar: grammar.clone(), logprobs: None };
                     samples.insert(s.tag, (s.decoding.stop, r.reply_start.clone()));
                     spec
                 })
@@ -637,7 +637,7 @@ impl Backend for LocalBackend {
         }
         let tokenizer = &m.tokenizer;
         let mut matchers: HashMap<usize, StopMatcher> = samples.iter().map(|(&tag, (stops, _))| (tag, StopMatcher::new(tokenizer, stops))).collect();
-        let mut stop = |tag: usize, tokens: &[u32]| matchers.get_mut(&tag).is_some_and(|m| m.hit(tokens));
+        let mut stop = |tag: usize, tokens: &[u32], _: &[scheduler::TokenLogprob]| matchers.get_mut(&tag).is_some_and(|m| m.hit(tokens));
         let mut on_done = |f: scheduler::Finished| -> Result<()> {
             let (stops, start) = samples.get(&f.tag).expect("every tag was submitted");
             let mut text = completion_text(tokenizer, &f.tokens, stops, f.finish == scheduler::FinishReason::StopString)?;

@@ -13,6 +13,9 @@ pub struct ServeArgs {
     /// The name clients send as `model` (default: the preset name or the model's id).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<std::path::PathBuf>,
     /// The address to listen on (0.0.0.0 exposes the server to the network).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -39,6 +42,26 @@ pub struct ServeArgs {
     /// Most new tokens per sample (max_tokens), also the default when a request has none.
     #[arg(long, default_value_t = 4096, value_parser = positive)]
     pub max_tokens: usize,
+    /// Largest request body, in MiB (413 beyond).
+    #[arg(long, default_value_t = 4, value_parser = positive)]
+    pub max_body_mb: usize,
+    /// Most request-body MiB being read or tokenized at once (503 beyond): bounds the memory
+    /// a flood of large requests takes. At least --max-body-mb.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    pub max_inflight_mb: usize,
+    /// Most open connections (503 beyond).
+    #[arg(long, default_value_t = 1024, value_parser = positive)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers, and a kept-alive connection may
+    /// sit idle (408 for a first request that is too slow).
+    #[arg(long, default_value_t = 30, value_parser = positive, value_name = "SECONDS")]
+    pub header_timeout: usize,
+    /// Seconds a client may take to send a request's body (408).
+    #[arg(long, default_value_t = 30, value_parser = positive, value_name = "SECONDS")]
+    pub body_timeout: usize,
+    /// On SIGINT/SIGTERM: seconds requests in flight get to finish before they are cancelled.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub shutdown_grace: u64,
 }
 
 pub(super) fn run(a: ServeArgs) -> Result<()> {
@@ -52,11 +75,17 @@ pub(super) fn run(a: ServeArgs) -> Result<()> {
         dtype: a.engine.dtype.clone(),
         batch_size: a.batch_size,
         prefill_chunk: a.prefill_chunk,
+        chat_template: a.chat_template,
         cache: a.engine.cache_sizing(16),
         prefix_cache: !a.engine.no_prefix_cache,
         max_queue: a.max_queue,
         max_n: a.max_n,
         max_tokens: a.max_tokens,
-        ..Default::default()
+        max_body_bytes: a.max_body_mb << 20,
+        max_inflight_bytes: a.max_inflight_mb << 20,
+        max_connections: a.max_connections,
+        header_timeout: std::time::Duration::from_secs(a.header_timeout as u64),
+        body_timeout: std::time::Duration::from_secs(a.body_timeout as u64),
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
     })
 }

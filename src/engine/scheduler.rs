@@ -52,6 +52,19 @@ pub struct SampleSpec {
     pub ignore_eos: bool,
     /// Structured output: the grammar every token must follow (None: free text).
     pub grammar: Option<std::sync::Arc<Grammar>>,
+    /// Record each token's log-probability and this many most likely alternatives
+    /// ([`TokenLogprob`]); None: record nothing (the default, free of cost).
+    pub logprobs: Option<usize>,
+}
+
+/// A decoded token's natural-log probability under the model: the log-softmax of its raw
+/// logits, before temperature or truncation (what vLLM reports by default and OpenAI's
+/// `logprobs` mean), with the `top` most likely tokens there, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A prompt and the samples to draw from it; they share one prefill.
@@ -75,7 +88,7 @@ impl PromptGroup {
                 samples: (0..k)
                     .map(|s| {
                         tag += 1;
-                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(seed, &format!("{item_prefix}{i}"), s), max_new_tokens, ignore_eos: false, grammar: None }
+                        SampleSpec { tag: tag - 1, params, stream: StreamKey::new(seed, &format!("{item_prefix}{i}"), s), max_new_tokens, ignore_eos: false, grammar: None, logprobs: None }
                     })
                     .collect(),
             })
@@ -112,6 +125,8 @@ pub struct Finished {
     pub error: Option<String>,
     /// Times the sample was preempted (its blocks taken back, its tokens recomputed).
     pub preempted: u32,
+    /// One per token of `tokens` when the sample asked for them ([`SampleSpec::logprobs`]).
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +166,8 @@ struct Seq {
     prompt: std::sync::Arc<Vec<u32>>,
     table: BlockTable,
     generated: Vec<u32>,
+    /// One per generated token, when the spec asks for them.
+    logprobs: Vec<TokenLogprob>,
     /// The grammar state of a structured sample.
     guide: Option<Guide>,
     /// See [`Finished::preempted`].
@@ -231,7 +248,7 @@ pub fn run(
     cache: &mut KvCache,
     cfg: &SchedulerConfig,
     groups: Vec<PromptGroup>,
-    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    stop: &mut dyn FnMut(usize, &[u32], &[TokenLogprob]) -> bool,
     on_done: &mut dyn FnMut(Finished) -> Result<()>,
     on_step: &mut dyn FnMut(StepStats),
 ) -> Result<()> {
@@ -257,7 +274,7 @@ pub fn run_fed(
     cache: &mut KvCache,
     cfg: &SchedulerConfig,
     feed: &mut dyn FnMut(bool) -> Result<Intake>,
-    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    stop: &mut dyn FnMut(usize, &[u32], &[TokenLogprob]) -> bool,
     on_done: &mut dyn FnMut(Finished) -> Result<()>,
     on_step: &mut dyn FnMut(StepStats),
 ) -> Result<()> {
@@ -496,7 +513,7 @@ pub fn run_fed(
                     for (j, spec) in samples.into_iter().enumerate() {
                         let table = if j + 1 == n { parent.take().unwrap() } else { parent.as_ref().unwrap().fork(cache) };
                         let guide = spec.grammar.as_ref().map(|g| g.guide());
-                        receivers.push(Seq { order: order + j as u64, spec, prompt: prompt.clone(), table, generated: Vec::new(), guide, preempted });
+                        receivers.push(Seq { order: order + j as u64, spec, prompt: prompt.clone(), table, generated: Vec::new(), logprobs: Vec::new(), guide, preempted });
                         row_src.push(next_row);
                     }
                     next_row += 1;
@@ -511,9 +528,12 @@ pub fn run_fed(
 
         // Receivers are in the order the sampler's rows were assembled above.
         let mut new_running: Vec<Seq> = Vec::with_capacity(receivers.len() + resumed.len());
-        for (mut s, token) in receivers.into_iter().zip(sampled) {
+        for ((mut s, token), &row) in receivers.into_iter().zip(sampled).zip(&row_src) {
             let fault = match token {
                 Ok(token) => {
+                    if let Some(top) = s.spec.logprobs {
+                        s.logprobs.push(token_logprob(&logits, row, token, top)?);
+                    }
                     s.generated.push(token);
                     match s.guide.as_mut() {
                         Some(g) if !cfg.eos.contains(&token) => g.commit(token).err().map(|e| format!("{e:#}")),
@@ -583,7 +603,7 @@ fn enqueue(waiting: &mut VecDeque<Waiting>, groups: Vec<PromptGroup>, cfg: &Sche
         if g.prompt.len() >= max_len {
             let error = format!("the prompt has {} tokens, and a sequence may have at most {max_len} (--max-model-len), so no token could be generated", g.prompt.len());
             for s in g.samples {
-                on_done(Finished { tag: s.tag, tokens: Vec::new(), finish: FinishReason::Error, prompt_len: g.prompt.len(), choice_probs: None, error: Some(error.clone()), preempted: 0 })?;
+                on_done(Finished { tag: s.tag, tokens: Vec::new(), finish: FinishReason::Error, prompt_len: g.prompt.len(), choice_probs: None, error: Some(error.clone()), preempted: 0, logprobs: s.logprobs.map(|_| Vec::new()) })?;
             }
             continue;
         }
@@ -594,13 +614,13 @@ fn enqueue(waiting: &mut VecDeque<Waiting>, groups: Vec<PromptGroup>, cfg: &Sche
     Ok(())
 }
 
-fn finish_reason(s: &Seq, cfg: &SchedulerConfig, max_len: usize, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Option<FinishReason> {
+fn finish_reason(s: &Seq, cfg: &SchedulerConfig, max_len: usize, stop: &mut dyn FnMut(usize, &[u32], &[TokenLogprob]) -> bool) -> Option<FinishReason> {
     let last = *s.generated.last()?;
     if !s.spec.ignore_eos && cfg.eos.contains(&last) {
         Some(FinishReason::Stop)
     } else if s.guide.as_ref().is_some_and(Guide::is_complete) {
         Some(FinishReason::GrammarComplete)
-    } else if stop(s.spec.tag, &s.generated) {
+    } else if stop(s.spec.tag, &s.generated, &s.logprobs) {
         Some(FinishReason::StopString)
     } else if s.generated.len() >= s.spec.max_new_tokens || s.prompt.len() + s.generated.len() >= max_len {
         Some(FinishReason::Length)
@@ -612,9 +632,32 @@ fn finish_reason(s: &Seq, cfg: &SchedulerConfig, max_len: usize, stop: &mut dyn 
 fn finished(mut s: Seq, reason: FinishReason, error: Option<String>) -> Finished {
     if reason == FinishReason::Stop {
         s.generated.pop();
+        s.logprobs.truncate(s.generated.len());
     }
     let choice_probs = s.guide.as_ref().and_then(|g| g.choice_probs()).map(<[f64]>::to_vec);
-    Finished { tag: s.spec.tag, tokens: s.generated, finish: reason, prompt_len: s.prompt.len(), choice_probs, error, preempted: s.preempted }
+    let logprobs = s.spec.logprobs.map(|_| s.logprobs);
+    Finished { tag: s.spec.tag, tokens: s.generated, finish: reason, prompt_len: s.prompt.len(), choice_probs, error, preempted: s.preempted, logprobs }
+}
+
+/// The log-probability of `token` in row `row` of `logits` ([rows, vocab]) and the `top`
+/// most likely tokens: the row is copied to the host (only for samples that ask).
+fn token_logprob(logits: &candle_core::Tensor, row: usize, token: u32, top: usize) -> Result<TokenLogprob> {
+    let x: Vec<f32> = logits.get(row)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let max = x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    // log-sum-exp around the largest finite logit, in f64 for a 150k-token vocabulary.
+    let lse = max as f64 + x.iter().filter(|v| v.is_finite()).map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+    let lp = |v: f32| (v as f64 - lse) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+        let key = |&i: &u32| x[i as usize];
+        let k = top.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |a, b| key(b).total_cmp(&key(a)));
+        idx.truncate(k);
+        idx.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
+        best = idx.into_iter().map(|i| (i, lp(x[i as usize]))).collect();
+    }
+    Ok(TokenLogprob { token, logprob: lp(x[token as usize]), top: best })
 }
 
 /// One token per receiver from its logits row `row_src[i]`: free samples by the sampler
@@ -711,7 +754,7 @@ mod tests {
     }
 
     fn spec(tag: usize, max_new_tokens: usize) -> SampleSpec {
-        SampleSpec { tag, params: SamplingParams::greedy(), stream: StreamKey::new(0, "t", tag as u32), max_new_tokens, ignore_eos: false, grammar: None }
+        SampleSpec { tag, params: SamplingParams::greedy(), stream: StreamKey::new(0, "t", tag as u32), max_new_tokens, ignore_eos: false, grammar: None, logprobs: None }
     }
 
     /// Runs `groups`; returns the finished samples by tag and the preemptions counted.
@@ -720,7 +763,7 @@ mod tests {
         let mut cache = KvCache::new(&model.config, block_size, blocks, DType::F32, &Device::Cpu).unwrap();
         let mut done: Vec<Finished> = Vec::new();
         let mut preempted = 0;
-        run(&model, &mut cache, &cfg, groups, &mut |_, _| false, &mut |f| Ok(done.push(f)), &mut |s| preempted += s.preempted).unwrap();
+        run(&model, &mut cache, &cfg, groups, &mut |_, _, _| false, &mut |f| Ok(done.push(f)), &mut |s| preempted += s.preempted).unwrap();
         assert_eq!(cache.free_blocks(), blocks, "every block comes back");
         done.sort_by_key(|f| f.tag);
         (done, preempted)
@@ -745,7 +788,7 @@ mod tests {
         // One the cache cannot hold is refused at the start, with the numbers and the fix.
         let model = Successor::new();
         let mut cache = KvCache::new(&model.config, 4, 4, DType::F32, &Device::Cpu).unwrap();
-        let e = run(&model, &mut cache, &cfg(4, Some(17)), groups, &mut |_, _| false, &mut |_| Ok(()), &mut |_| {}).unwrap_err();
+        let e = run(&model, &mut cache, &cfg(4, Some(17)), groups, &mut |_, _, _| false, &mut |_| Ok(()), &mut |_| {}).unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("17 tokens") && e.contains("16 tokens") && e.contains("--max-model-len"), "{e}");
     }
@@ -812,7 +855,7 @@ mod tests {
                 done.push(f);
                 Ok(())
             };
-            run(&model, &mut cache, &cfg(6, None), groups.clone(), &mut |_, _| false, &mut on_done, &mut |s| preempted += s.preempted).unwrap();
+            run(&model, &mut cache, &cfg(6, None), groups.clone(), &mut |_, _, _| false, &mut on_done, &mut |s| preempted += s.preempted).unwrap();
             assert!(preempted > 0, "{blocks} blocks: the cache is too small for all at once");
             assert_eq!(done.iter().map(|f| f.preempted as usize).sum::<usize>(), preempted, "each preemption is counted once");
             assert_eq!(order, (0..12).collect::<Vec<_>>(), "{blocks} blocks: preempted {:?}", done.iter().map(|f| (f.tag, f.preempted)).collect::<Vec<_>>());

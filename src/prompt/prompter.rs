@@ -95,11 +95,18 @@ impl Prompter {
 
     /// The prompt for a conversation, ending with the assistant's turn to speak.
     pub fn render_messages(&self, messages: &[Message]) -> Result<String> {
+        self.render_messages_with(messages, self.enable_thinking, Default::default())
+    }
+
+    /// [`Self::render_messages`] with a request's own `enable_thinking` and further template
+    /// variables (a server's `chat_template_kwargs`); a variable the renderer reserves
+    /// (`messages`, `bos_token`, ...) is an error naming it.
+    pub fn render_messages_with(&self, messages: &[Message], enable_thinking: Option<bool>, extra: serde_json::Map<String, serde_json::Value>) -> Result<String> {
         let messages = match &self.system {
             Some(sys) => with_system(messages, sys, self.system_role).0,
             None => messages.to_vec(),
         };
-        let opts = RenderOptions { add_generation_prompt: true, enable_thinking: self.enable_thinking, extra: Default::default() };
+        let opts = RenderOptions { add_generation_prompt: true, enable_thinking, extra };
         self.template.render(&messages, &opts)
     }
 

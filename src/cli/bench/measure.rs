@@ -194,7 +194,7 @@ pub fn engine(
         cache.set_prefix_caching(prefix_cache);
         let (mut produced, mut cached) = (0usize, 0usize);
         let t = Instant::now();
-        scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups(max_new), &mut |_, _| false, &mut |f| {
+        scheduler::run(m.model.as_ref(), &mut cache, &cfg, groups(max_new), &mut |_, _, _| false, &mut |f| {
             produced += f.tokens.len();
             Ok(())
         }, &mut |s| cached += s.cached_prefill_tokens)?;
