@@ -2,12 +2,13 @@
 //! its thinking and its response.
 //!
 //! - [`template`]: the model's own Hugging Face chat template, rendered with minijinja as
-//!   `transformers` would.
+//!   `transformers` would (`pyjinja`: the Python semantics it adds to minijinja).
 //! - [`safety_rules`]: the paper's safety-rules mitigation, put before every query.
 //! - [`prompter`]: one model's template, system text and think tags, as one [`Prompter`].
 //! - [`reasoning`]: splitting a completion into thinking and response at the think tags.
 
 pub mod prompter;
+mod pyjinja;
 pub mod reasoning;
 pub mod safety_rules;
 pub mod template;

@@ -16,6 +16,10 @@
 //!   matches Python's `json.dumps` (the template helpers `transformers` adds).
 //! * `{% generation %}` blocks (a `transformers` extension that marks assistant
 //!   tokens for training masks) are accepted and render their body unchanged.
+//! * Python's values and operators where minijinja's differ (see [`super::pyjinja`]):
+//!   values print as Python's `str()` (`[1, 'a']`, `{'k': None}`, `(1, 2)`) in `{{ }}`,
+//!   `|string`, `|join` and `~`; `'%s' % x` formats strings; `%` on numbers takes the
+//!   divisor's sign; `str.rsplit` and the other methods pycompat lacks.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +27,8 @@ use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
+
+use super::pyjinja;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -138,14 +144,16 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         // Prompts are plain text: HTML-escaping would corrupt `<|im_start|>`.
         env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        pyjinja::install(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         // Replaces minijinja's own `tojson`, which HTML-escapes `<`, `>`, `&`
         // and `'` and writes compact JSON; templates expect Python's output.
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, accept_generation_blocks(source))
-            .map_err(|e| anyhow!("chat template failed to parse: {}", describe(&e)))?;
+        let parse_error = |e: Error| anyhow!("chat template failed to parse: {}", describe(&e));
+        let source =
+            pyjinja::rewrite_operators(&accept_generation_blocks(source)).map_err(parse_error)?;
+        env.add_template_owned(TEMPLATE_NAME, source).map_err(parse_error)?;
         Ok(Self {
             env,
             bos_token: bos_token.to_string(),
@@ -176,7 +184,10 @@ impl ChatTemplate {
         }
         for (k, v) in &opts.extra {
             // Silently letting `extra` win (or lose) would hide a caller bug.
-            if ctx.contains_key(k) || (k == "enable_thinking" && opts.enable_thinking.is_some()) {
+            if ctx.contains_key(k)
+                || (k == "enable_thinking" && opts.enable_thinking.is_some())
+                || pyjinja::RESERVED_NAMES.contains(&k.as_str())
+            {
                 bail!("render option `extra` may not set the reserved variable `{k}`");
             }
             ctx.insert(k.clone(), Value::from_serialize(v));
@@ -484,31 +495,13 @@ fn write_json_str(s: &str, ensure_ascii: bool, out: &mut String) {
     out.push('"');
 }
 
-/// Python's `repr(float)`: shortest round-trip digits, always a `.0` or an
-/// exponent, exponent form outside 1e-4 <= |x| < 1e16 (`1e-05`, `1e+16`).
+/// A float as Python's `json.dumps` writes it: `repr(float)`, but `NaN` and `Infinity`.
 fn python_float(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
-    }
-    let sci = format!("{x:e}"); // shortest digits, e.g. "1.5e-5"
-    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` always has an exponent");
-    let exp: i32 = exp.parse().expect("integer exponent");
-    if (-4..16).contains(&exp) {
-        let s = x.to_string();
-        if s.contains('.') {
-            s
-        } else {
-            format!("{s}.0")
-        }
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exp.abs())
+    match x {
+        x if x.is_nan() => "NaN".into(),
+        f64::INFINITY => "Infinity".into(),
+        f64::NEG_INFINITY => "-Infinity".into(),
+        x => pyjinja::float_repr(x),
     }
 }
 
@@ -964,6 +957,77 @@ mod tests {
         assert!(err.contains("not JSON serializable"), "{err}");
     }
 
+    /// Python semantics that real templates use, each with the text Jinja2 3.1 renders
+    /// (`ImmutableSandboxedEnvironment`, `trim_blocks`, `lstrip_blocks`, loop controls, as in
+    /// `transformers`) for the context below.
+    #[test]
+    fn python_semantics_render_like_jinja2() {
+        let mut opts = gen();
+        let ctx = json!({"l": [1, "a", null, true, 2.5], "d": {"k": "v", "n": [1, {"x": null}]},
+                         "s": "a,b,c", "x": 1.23456, "n": 7, "t": "it's", "u": "é\n\u{1}",
+                         "big": 1e16});
+        opts.extra = ctx.as_object().unwrap().clone();
+        // (template, what Jinja2 renders)
+        #[rustfmt::skip]
+        let cases: [(&str, &str); 33] = [
+            (r#"{{ '%s' % n }}"#, r#"7"#),
+            (r#"{{ '%d' % 3.7 }}|{{ '%d' % -3.7 }}|{{ '%i' % true }}"#, r#"3|-3|1"#),
+            (r#"{{ '%s-%s' % (n, 'z') }}"#, r#"7-z"#),
+            (r#"{{ '%r|%r|%r' % (t, u, none) }}"#, r#""it's"|'é\n\x01'|None"#),
+            (r#"{{ '%%|%s' % l }}"#, r#"%|[1, 'a', None, True, 2.5]"#),
+            (r#"{{ '%5.2f|%-4s|%05d|%x|%.3s' % (x, 'a', -42, 255, 'abcdef') }}"#, r#" 1.23|a   |-0042|ff|abc"#),
+            (r#"{{ '%s' % (l,) }}|{{ '%s' % [] }}"#, r#"[1, 'a', None, True, 2.5]|[]"#),
+            (r#"{{ '%s' % d }}|{{ '%(k)s=%(n)r' % d }}|{{ 'x' % d }}"#, r#"{'k': 'v', 'n': [1, {'x': None}]}|v=[1, {'x': None}]|x"#),
+            (r#"{{ 'é%sé' % 'ü' ~ '%' }}"#, r#"éüé%"#),
+            (r#"{{ n % 3 }}|{{ -7 % 3 }}|{{ 7 % -3 }}|{{ 7.5 % -2 }}|{{ 2 + 9 % 4 * 2 }}"#, r#"1|2|-2|-0.5|4"#),
+            (r#"{% for m in l %}{{ loop.index0 % 2 }}{% endfor %}"#, r#"01010"#),
+            (r#"{{ (n) % (2) }}|{{ ('%s' % n) ~ 'q' }}|{{ 'a' ~ 'b' ~ 1 % 2 }}"#, r#"1|7q|ab1"#),
+            (r#"{{ l|string }}|{{ d|string }}|{{ none|string }}|{{ 'x'|string }}"#, r#"[1, 'a', None, True, 2.5]|{'k': 'v', 'n': [1, {'x': None}]}|None|x"#),
+            (r#"{{ l }}|{{ d }}|{{ true }}|{{ none }}|{{ big }}|{{ [1.0, 1e-5] }}"#, r#"[1, 'a', None, True, 2.5]|{'k': 'v', 'n': [1, {'x': None}]}|True|None|1e+16|[1.0, 1e-05]"#),
+            (r#"{{ (1, 'b') }}|{{ (1,) }}|{{ () }}"#, r#"(1, 'b')|(1,)|()"#),
+            (r#"{{ 'x' ~ l }}|{{ [1,2] ~ (3,) }}|{{ 'v' ~ none ~ false }}"#, r#"x[1, 'a', None, True, 2.5]|[1, 2](3,)|vNoneFalse"#),
+            (r#"{{ d.items()|list }}"#, r#"[('k', 'v'), ('n', [1, {'x': None}])]"#),
+            (r#"{% for k, v in d.items() %}{{ k }}:{{ v }};{% endfor %}"#, r#"k:v;n:[1, {'x': None}];"#),
+            (r#"{{ s.rsplit(',', 1) }}|{{ s.rsplit(',') }}|{{ ' a  b '.rsplit() }}|{{ ' a  b c'.rsplit(None, 1) }}|{{ s.rsplit(maxsplit=1, sep=',') }}"#, r#"['a,b', 'c']|['a', 'b', 'c']|['a', 'b']|[' a  b', 'c']|['a,b', 'c']"#),
+            (r#"{{ s.rsplit(',', 1)[0] }}|{{ 'a.b'.rsplit('.', 0) }}|{{ ''.rsplit() }}"#, r#"a,b|['a.b']|[]"#),
+            (r#"{{ l|join(',') }}|{{ [[1,'a'], d]|join(';') }}|{{ [{'a': 1}]|join(attribute='a') }}"#, r#"1,a,None,True,2.5|[1, 'a'];{'k': 'v', 'n': [1, {'x': None}]}|1"#),
+            (r#"{{ "%s!"|format(l) }}"#, r#"[1, 'a', None, True, 2.5]!"#),
+            (r#"{{ u }}|{{ [u] }}|{{ ["a'b", 'a"b', "a'\"b", "\\"] }}"#, "é\n\u{1}|['é\\n\\x01']|[\"a'b\", 'a\"b', 'a\\'\"b', '\\\\']"),
+            (r#"{{ {1: none, 'a': false} }}"#, r#"{1: None, 'a': False}"#),
+            (r#"{{ 'a=b=c'.partition('=') }}|{{ 'a=b=c'.rpartition('=')[0] }}|{{ 'abc'.removeprefix('a') }}|{{ 'abc'.removesuffix('c') }}"#, r#"('a', '=', 'b=c')|a=b|bc|ab"#),
+            (r#"{% for m in l %}{{ loop.previtem }},{% endfor %}"#, r#",1,a,None,True,"#),
+            (r#"{{ undefined_x }}|{{ undefined_x|string }}|{{ 'a' ~ undefined_x }}"#, r#"||a"#),
+            (r#"{% set t2 = 1, 'x' %}{{ t2 }}|{{ t2[1] }}|{{ t2|length }}|{{ 'x' in t2 }}"#, r#"(1, 'x')|x|2|True"#),
+            (r#"{% set t3 = (1), ('a' ~ 2) %}{{ t3 }}"#, r#"(1, 'a2')"#),
+            (r#"{% for a, b in [(1, 2), (3, 4)] %}{{ a + b }}{% endfor %}|{{ {'s': (',', ':')}|tojson }}"#, r#"37|{"s": [",", ":"]}"#),
+            (r#"{{ '  x '.strip() }}|{{ 'a b'.split() }}|{{ 'abc'.startswith('ab') }}|{{ 'abc'.endswith(('x', 'c')) }}|{{ '\n\nx'.lstrip('\n') }}"#, r#"x|['a', 'b']|True|True|x"#),
+            (r#"{% macro m(p, q='%s' % 'dflt') %}{{ p ~ q }}{% endmacro %}{{ m('v') }}"#, r#"vdflt"#),
+            (r#"{{ [1, 2][::-1] }}|{{ d.get('zz', 'dflt') }}|{{ d is mapping }}|{{ 'x' is string }}|{{ ' t '|trim }}"#, r#"[2, 1]|dflt|True|True|t"#),
+        ];
+        for (src, expected) in cases {
+            let out = render_str(src, &[], &opts).unwrap_or_else(|e| panic!("{src}: {e}"));
+            assert_eq!(out, expected, "{src}");
+        }
+        // (template, part of Python's error message)
+        #[rustfmt::skip]
+        let errors: [(&str, &str); 10] = [
+            (r#"{{ '%s %s' % n }}"#, r#"not enough arguments for format string"#),
+            (r#"{{ 'x' % n }}"#, r#"not all arguments converted during string formatting"#),
+            (r#"{{ '%s' % (1, 2) }}"#, r#"not all arguments converted during string formatting"#),
+            (r#"{{ '%d' % 'a' }}"#, r#"%d format: a real number is required, not str"#),
+            (r#"{{ n % 0 }}"#, r#"integer modulo by zero"#),
+            (r#"{{ '%' % n }}"#, r#"incomplete format"#),
+            (r#"{{ '%z' % n }}"#, r#"unsupported format character 'z' (0x7a)"#),
+            (r#"{{ l % 2 }}"#, r#"unsupported operand type(s) for %: 'list' and 'int'"#),
+            (r#"{{ '%(k)s' % n }}"#, r#"format requires a mapping"#),
+            (r#"{{ 'a'.rsplit('') }}"#, r#"empty separator"#),
+        ];
+        for (src, expected) in errors {
+            let err = render_str(src, &[], &opts).expect_err(src).to_string();
+            assert!(err.contains(expected), "{src}: {err}");
+        }
+    }
+
     #[test]
     fn python_float_repr() {
         assert_eq!(python_float(1.0), "1.0");
@@ -1014,6 +1078,10 @@ mod tests {
         opts.extra.insert("bos_token".into(), json!("X"));
         let err = render_str("x", &[], &opts).unwrap_err().to_string();
         assert!(err.contains("bos_token"), "{err}");
+        // Nor hide a helper of the Python operators.
+        let mut opts = gen();
+        opts.extra.insert("__py_mod".into(), json!(1));
+        assert!(render_str("{{ 3 % 2 }}", &[], &opts).is_err());
 
         let mut opts = gen();
         opts.enable_thinking = Some(false);
