@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bsa::backends::openai::{ChatRequest, Client, ClientOptions, Endpoint};
+use bsa::backends::openai::{ChatRequest, Client, ClientOptions, Endpoint, MaxTokensField};
 use bsa::prompt::Message;
 use serde_json::Value;
 
@@ -30,60 +30,108 @@ enum Reply {
     Status(u16, String, Vec<(&'static str, &'static str)>),
     /// Wait this long, then close without answering.
     Hang(Duration),
+    /// A 200 of type text/event-stream whose body is written in these pieces, each sent on
+    /// its own after a pause (so each reaches the client in a read of its own). Chunked: each
+    /// piece one HTTP chunk; else the body ends when the connection closes.
+    /// After the pieces, `stall` (when set) waits that long and closes without ending the body.
+    Events { pieces: Vec<Vec<u8>>, chunked: bool, stall: Option<Duration> },
 }
 
 struct FaultServer {
     url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
 }
 
 impl FaultServer {
+    /// A server that answers one request per connection, with `Connection: close`.
     fn start(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> FaultServer {
+        FaultServer::listen(false, script)
+    }
+
+    /// A server that keeps connections alive: it serves requests on a connection until the
+    /// client closes it (a hang, or a body that ends with the connection, closes it).
+    fn keep_alive(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> FaultServer {
+        FaultServer::listen(true, script)
+    }
+
+    fn listen(keep_alive: bool, script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let (log, script, count) = (seen.clone(), Arc::new(script), Arc::new(AtomicUsize::new(0)));
+        let connections: Arc<AtomicUsize> = Arc::default();
+        let (log, script, count, accepted) = (seen.clone(), Arc::new(script), Arc::new(AtomicUsize::new(0)), connections.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (log, script, count) = (log.clone(), script.clone(), count.clone());
-                std::thread::spawn(move || serve_one(stream.unwrap(), &log, &*script, &count));
+                std::thread::spawn(move || serve_connection(stream.unwrap(), keep_alive, &log, &*script, &count));
             }
         });
-        FaultServer { url, seen }
+        FaultServer { url, seen, connections }
     }
 
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
 }
 
-fn serve_one(stream: TcpStream, log: &Mutex<Vec<Seen>>, script: &(dyn Fn(usize, &Seen) -> Reply + Send + Sync), count: &AtomicUsize) {
+fn serve_connection(stream: TcpStream, keep_alive: bool, log: &Mutex<Vec<Seen>>, script: &(dyn Fn(usize, &Seen) -> Reply + Send + Sync), count: &AtomicUsize) {
+    stream.set_nodelay(true).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let len = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).unwrap();
-    let seen = Seen { head, body: String::from_utf8(body).unwrap(), at: Instant::now() };
-    log.lock().unwrap().push(seen.clone());
     let mut stream = stream;
-    match script(count.fetch_add(1, Ordering::SeqCst), &seen) {
-        Reply::Hang(d) => std::thread::sleep(d),
-        Reply::Status(code, body, headers) => {
-            let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-            let _ = write!(stream, "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len());
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let len = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        let seen = Seen { head, body: String::from_utf8(body).unwrap(), at: Instant::now() };
+        log.lock().unwrap().push(seen.clone());
+        let close = if keep_alive { "" } else { "Connection: close\r\n" };
+        match script(count.fetch_add(1, Ordering::SeqCst), &seen) {
+            Reply::Hang(d) => return std::thread::sleep(d),
+            Reply::Status(code, body, headers) => {
+                let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+                let _ = write!(stream, "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{close}{extra}\r\n{body}", body.len());
+            }
+            Reply::Events { pieces, chunked, stall } => {
+                let framing = if chunked { format!("Transfer-Encoding: chunked\r\n{close}") } else { "Connection: close\r\n".into() };
+                let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n{framing}\r\n");
+                for p in &pieces {
+                    let _ = stream.flush();
+                    std::thread::sleep(Duration::from_millis(30));
+                    let _ = if chunked { write!(stream, "{:x}\r\n", p.len()).and_then(|_| stream.write_all(p)).and_then(|_| stream.write_all(b"\r\n")) } else { stream.write_all(p) };
+                }
+                if let Some(d) = stall {
+                    let _ = stream.flush();
+                    return std::thread::sleep(d);
+                }
+                if !chunked {
+                    return;
+                }
+                let _ = stream.write_all(b"0\r\n\r\n");
+            }
+        }
+        if !keep_alive {
+            return;
         }
     }
 }
@@ -103,7 +151,15 @@ fn ok(content: &str) -> Reply {
 }
 
 fn client(url: &str, retries: u32, timeout: Duration) -> Client {
-    let opts = ClientOptions { retries, timeout, backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(200), concurrency: 2, ..Default::default() };
+    client_with(url, ClientOptions { retries, timeout, ..test_options() })
+}
+
+/// Short backoffs, two workers.
+fn test_options() -> ClientOptions {
+    ClientOptions { retries: 2, timeout: Duration::from_secs(5), backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(200), concurrency: 2, ..Default::default() }
+}
+
+fn client_with(url: &str, opts: ClientOptions) -> Client {
     Client::new(Endpoint::parse(&format!("openai:fake@{url}"), "--backend").unwrap(), opts).unwrap()
 }
 
@@ -487,4 +543,281 @@ fn generated_run() -> (tempfile::TempDir, std::path::PathBuf) {
     let o = bsa(&["generate", "--backend", &backend, "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     (dir, out)
+}
+
+/// `n` requests through `c`, `concurrency` at a time; each reply's first choice's content,
+/// in request order.
+fn chat_many(c: &Client, n: usize) -> Vec<String> {
+    let mut got = vec![String::new(); n];
+    c.chat_all((0..n).map(|i| (i, hello())).collect(), &mut |i, r| {
+        got[i] = r.expect("answered").choices[0].content.clone();
+        Ok(())
+    })
+    .unwrap();
+    got
+}
+
+/// A server that keeps connections alive: the workers share a pool of kept-alive
+/// connections, one per worker at most (ureq keeps one per host unless told), and no request
+/// asks to close.
+#[test]
+fn kept_alive_connections_are_reused_by_the_workers() {
+    let s = FaultServer::keep_alive(|_, _| {
+        std::thread::sleep(Duration::from_millis(20));
+        ok("fine")
+    });
+    let c = client_with(&s.url, ClientOptions { concurrency: 4, ..test_options() });
+    assert!(chat_many(&c, 24).iter().all(|t| t == "fine"));
+    assert_eq!(s.seen().len(), 24, "each request served once");
+    assert!((1..=4).contains(&s.connections()), "{} connections for 24 requests from 4 workers", s.connections());
+    assert!(s.seen().iter().all(|r| !r.head.to_ascii_lowercase().contains("connection: close")), "a request asked to close its connection");
+}
+
+/// A server that answers `Connection: close` every time: every request gets a connection of
+/// its own, and none is sent on a connection the server closed (each is served once).
+#[test]
+fn a_server_that_closes_after_each_reply_gets_a_connection_per_request() {
+    let s = FaultServer::start(|_, _| ok("fine"));
+    let c = client_with(&s.url, ClientOptions { retries: 0, ..test_options() });
+    assert!(chat_many(&c, 8).iter().all(|t| t == "fine"));
+    assert_eq!((s.seen().len(), s.connections()), (8, 8));
+}
+
+/// OpenAI's answer to `max_tokens` from a reasoning model.
+const MAX_TOKENS_UNSUPPORTED: &str = r#"{"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}"#;
+
+/// A server that refuses `max_tokens` by name and answers `max_completion_tokens`.
+fn completion_tokens_only() -> FaultServer {
+    FaultServer::keep_alive(|_, seen| {
+        let body: Value = serde_json::from_str(&seen.body).unwrap();
+        if body.get("max_tokens").is_some() {
+            Reply::Status(400, MAX_TOKENS_UNSUPPORTED.into(), vec![])
+        } else {
+            ok(&format!("limit {}", body["max_completion_tokens"]))
+        }
+    })
+}
+
+/// Under `auto` (the default) a 400 that names `max_tokens` as unsupported sends that
+/// request again at once with `max_completion_tokens` (not counted as a retry), and every
+/// later request of every worker uses it; `max_tokens` chosen by hand gets the 400 with a
+/// hint; a 400 about max_tokens' value is no reason to switch.
+#[test]
+fn auto_switches_to_max_completion_tokens_when_max_tokens_is_refused() {
+    let s = completion_tokens_only();
+    let c = client_with(&s.url, ClientOptions { retries: 0, ..test_options() });
+    assert_eq!(c.max_tokens_field(), MaxTokensField::MaxTokens);
+    assert!(chat_many(&c, 6).iter().all(|t| t == "limit 4"));
+    assert_eq!(c.max_tokens_field(), MaxTokensField::MaxCompletionTokens);
+    let bodies: Vec<Value> = s.seen().iter().map(|r| serde_json::from_str(&r.body).unwrap()).collect();
+    let refused = bodies.iter().filter(|b| b.get("max_tokens").is_some()).count();
+    assert!((1..=2).contains(&refused), "{refused} requests sent max_tokens: one per worker at most, before the switch");
+    assert_eq!(bodies.len() - refused, 6);
+    // Once switched, the later requests never send max_tokens.
+    assert!(bodies[refused..].iter().all(|b| b.get("max_tokens").is_none() && b["max_completion_tokens"] == 4), "{bodies:?}");
+
+    // Chosen by hand: max_completion_tokens from the first request; max_tokens is refused.
+    let s = completion_tokens_only();
+    let c = client_with(&s.url, ClientOptions { max_tokens_field: MaxTokensField::MaxCompletionTokens, ..test_options() });
+    assert_eq!(c.chat(&hello()).unwrap().choices[0].content, "limit 4");
+    assert_eq!(s.seen().len(), 1);
+    let c = client_with(&s.url, ClientOptions { max_tokens_field: MaxTokensField::MaxTokens, ..test_options() });
+    let err = c.chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("HTTP 400") && err.contains("Unsupported parameter") && err.contains("--max-tokens-field max_completion_tokens"), "{err}");
+
+    // A limit too high is the request's fault, whatever the field's name.
+    let s = FaultServer::start(|_, _| Reply::Status(400, r#"{"error": {"message": "max_tokens is too large: 100000. This model supports at most 16384 completion tokens.", "param": "max_tokens", "code": null}}"#.into(), vec![]));
+    let c = client(&s.url, 2, Duration::from_secs(5));
+    assert!(c.chat(&hello()).unwrap_err().to_string().contains("too large"));
+    assert_eq!((s.seen().len(), c.max_tokens_field()), (1, MaxTokensField::MaxTokens));
+}
+
+/// A reply whose content is a list of parts: thinking parts (Anthropic's `thinking`,
+/// `reasoning`) make the thinking and text parts (`text`, `output_text`) the response, in
+/// order; explicit nulls are absent fields. A part of an unknown type fails that sample,
+/// naming the type, and the run goes on.
+#[test]
+fn content_as_a_list_of_parts_is_read_and_an_unknown_part_fails_its_sample() {
+    let parts = serde_json::json!({
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": null, "message": {"role": "assistant", "reasoning_content": null, "content": [
+            {"type": "thinking", "thinking": "The user may ", "signature": "abc"},
+            {"type": "reasoning", "text": "get hurt."},
+            {"type": "text", "text": "I will not "},
+            {"type": "output_text", "text": "help with that.", "annotations": []},
+        ]}}],
+        "usage": null,
+    })
+    .to_string();
+    let unknown = serde_json::json!({
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": [
+            {"type": "text", "text": "Here is a picture:"}, {"type": "image_url", "image_url": {"url": "data:..."}},
+        ]}}],
+    })
+    .to_string();
+    let s = FaultServer::keep_alive(move |i, _| Reply::Status(200, if i == 0 { parts.clone() } else { unknown.clone() }, vec![]));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", s.url);
+    let o = bsa(&["generate", "--backend", &backend, "--concurrency", "1", "--scenario", "RO", "--limit", "2", "--samples", "1", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = records(&out.join("samples.jsonl"));
+    assert_eq!(recs.len(), 2);
+    assert_eq!((recs[0]["thinking"].as_str(), recs[0]["response"].as_str()), (Some("The user may get hurt."), Some("I will not help with that.")), "{}", recs[0]);
+    assert_eq!(recs[0]["finish_reason"], "stop");
+    assert_eq!(recs[1]["finish_reason"], "error", "{}", recs[1]);
+    let error = recs[1]["error"].as_str().unwrap();
+    assert!(error.contains("\"image_url\"") && error.contains("content part 1"), "{error}");
+    assert_eq!(s.seen().len(), 2, "a reply with an unknown part is not asked again");
+}
+
+/// One server-sent event of a chat completion chunk.
+fn chunk(index: u32, delta: Value, finish: Option<&str>) -> String {
+    let c = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}], "usage": null});
+    format!("data: {c}\n\n")
+}
+
+const USAGE: &str = "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}\n\n";
+const DONE: &str = "data: [DONE]\n\n";
+
+/// A streamed reply (role, thinking deltas, content deltas, finish, usage, [DONE]) with
+/// characters outside ASCII, cut into pieces inside those characters' bytes.
+fn thinking_stream(done: bool) -> Vec<Vec<u8>> {
+    let mut text = String::from(": keep-alive comment\n\n");
+    text += &chunk(0, serde_json::json!({"role": "assistant", "content": ""}), None);
+    text += &chunk(0, serde_json::json!({"reasoning_content": "Gefährlich: ", "content": null}), None);
+    text += &chunk(0, serde_json::json!({"reasoning_content": "危险."}), None);
+    text += &chunk(0, serde_json::json!({"content": "Nein, "}), None);
+    text += &chunk(0, serde_json::json!({"content": "danke ✓"}), None);
+    text += &chunk(0, serde_json::json!({}), Some("stop"));
+    text += USAGE;
+    if done {
+        text += DONE;
+    }
+    let bytes = text.into_bytes();
+    // Cut one byte into "ä", "危" and "✓" (each of more than one byte).
+    let mut cuts: Vec<usize> = ["ä", "危", "✓"].iter().map(|c| text_index(&bytes, c) + 1).collect();
+    cuts.push(bytes.len());
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for c in cuts {
+        pieces.push(bytes[from..c].to_vec());
+        from = c;
+    }
+    assert!(pieces.iter().filter(|p| std::str::from_utf8(p).is_err()).count() >= 3, "the pieces cut characters");
+    pieces
+}
+
+fn text_index(bytes: &[u8], needle: &str) -> usize {
+    bytes.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap()
+}
+
+/// `stream` asks for events with usage; the events are read whole whether the body is
+/// chunked or ends with the connection, with characters cut across reads intact; a chunked
+/// stream leaves its connection for the next request; a reply of type text/event-stream to
+/// a request that did not ask to stream is read as one.
+#[test]
+fn a_streamed_reply_is_read_chunked_or_not_with_characters_cut_across_reads() {
+    for chunked in [true, false] {
+        let s = FaultServer::keep_alive(move |_, _| Reply::Events { pieces: thinking_stream(true), chunked, stall: None });
+        let c = client_with(&s.url, ClientOptions { stream: true, concurrency: 1, ..test_options() });
+        for _ in 0..2 {
+            let reply = c.chat(&hello()).unwrap();
+            assert_eq!(reply.choices.len(), 1);
+            let ch = &reply.choices[0];
+            assert_eq!((ch.reasoning.as_deref(), ch.content.as_str(), ch.finish_reason.as_deref()), (Some("Gefährlich: 危险."), "Nein, danke ✓", Some("stop")), "chunked: {chunked}");
+            assert_eq!((reply.prompt_tokens, reply.completion_tokens), (11, 7));
+        }
+        let body: Value = serde_json::from_str(&s.seen()[0].body).unwrap();
+        assert_eq!((body["stream"].as_bool(), body["stream_options"]["include_usage"].as_bool()), (Some(true), Some(true)), "{body}");
+        assert_eq!(s.seen().len(), 2, "no retries");
+        assert_eq!(s.connections(), if chunked { 1 } else { 2 }, "chunked: {chunked}");
+    }
+    // Not asked to stream, the server streams anyway.
+    let s = FaultServer::start(|_, _| Reply::Events { pieces: thinking_stream(true), chunked: true, stall: None });
+    let c = client(&s.url, 0, Duration::from_secs(5));
+    assert_eq!(c.chat(&hello()).unwrap().choices[0].content, "Nein, danke ✓");
+    let body: Value = serde_json::from_str(&s.seen()[0].body).unwrap();
+    assert!(body.get("stream").is_none(), "{body}");
+}
+
+/// n = 2: the choices' chunks interleave and are put together by index.
+#[test]
+fn a_streamed_reply_with_two_choices_is_put_together_by_index() {
+    let s = FaultServer::start(|_, _| {
+        let mut t = String::new();
+        t += &chunk(1, serde_json::json!({"role": "assistant", "reasoning": "second "}), None);
+        t += &chunk(0, serde_json::json!({"role": "assistant", "reasoning": "first "}), None);
+        t += &chunk(0, serde_json::json!({"content": "A"}), None);
+        t += &chunk(1, serde_json::json!({"reasoning": "thought", "content": "B"}), None);
+        t += &chunk(1, serde_json::json!({"content": "b"}), Some("length"));
+        t += &chunk(0, serde_json::json!({"reasoning": "thought", "content": "a"}), Some("stop"));
+        t += USAGE;
+        t += DONE;
+        Reply::Events { pieces: vec![t.into_bytes()], chunked: true, stall: None }
+    });
+    let c = client_with(&s.url, ClientOptions { stream: true, ..test_options() });
+    let reply = c.chat(&ChatRequest { n: 2, ..hello() }).unwrap();
+    let got: Vec<_> = reply.choices.iter().map(|c| (c.reasoning.as_deref(), c.content.as_str(), c.finish_reason.as_deref())).collect();
+    assert_eq!(got, [(Some("first thought"), "Aa", Some("stop")), (Some("second thought"), "Bb", Some("length"))]);
+}
+
+/// A stream that ends before [DONE], or stalls past the per-attempt timeout, is a failed
+/// attempt that is tried again; so is an error event without a client-side code, reported
+/// with the server's message when it persists.
+#[test]
+fn a_broken_stream_is_retried_and_an_error_event_is_reported() {
+    let s = FaultServer::start(|i, _| match i {
+        0 => Reply::Events { pieces: thinking_stream(false), chunked: false, stall: None },
+        1 => Reply::Events { pieces: thinking_stream(false), chunked: true, stall: None },
+        2 => Reply::Events { pieces: thinking_stream(false)[..1].to_vec(), chunked: true, stall: Some(Duration::from_secs(3)) },
+        _ => Reply::Events { pieces: thinking_stream(true), chunked: true, stall: None },
+    });
+    let c = client_with(&s.url, ClientOptions { stream: true, retries: 3, timeout: Duration::from_millis(800), ..test_options() });
+    let t = Instant::now();
+    assert_eq!(c.chat(&hello()).unwrap().choices[0].content, "Nein, danke ✓");
+    assert_eq!(s.seen().len(), 4);
+    assert!(t.elapsed() < Duration::from_secs(3), "the timeout did not cut the stalled stream");
+
+    let s = FaultServer::start(|_, _| Reply::Events { pieces: thinking_stream(false), chunked: true, stall: None });
+    let err = client_with(&s.url, ClientOptions { stream: true, retries: 1, ..test_options() }).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("before data: [DONE]") && err.contains("after 2 attempts"), "{err}");
+
+    let unfinished = chunk(0, serde_json::json!({"content": "x"}), None) + DONE;
+    let s = FaultServer::start(move |_, _| Reply::Events { pieces: vec![unfinished.clone().into_bytes()], chunked: true, stall: None });
+    let err = client_with(&s.url, ClientOptions { stream: true, retries: 0, ..test_options() }).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("without a finish_reason for choice 0"), "{err}");
+
+    let overloaded = chunk(0, serde_json::json!({"content": "x"}), None) + "data: {\"error\": {\"message\": \"the engine is overloaded\", \"type\": \"server_error\"}}\n\n";
+    let s = FaultServer::start(move |_, _| Reply::Events { pieces: vec![overloaded.clone().into_bytes()], chunked: true, stall: None });
+    let err = client_with(&s.url, ClientOptions { stream: true, retries: 1, ..test_options() }).chat(&hello()).unwrap_err().to_string();
+    assert!(err.contains("the engine is overloaded") && err.contains("after 2 attempts"), "{err}");
+    assert_eq!(s.seen().len(), 2);
+}
+
+/// The flags reach the server: `bsa generate --stream` against a server that streams and
+/// refuses max_tokens writes the usual records.
+#[test]
+fn generate_with_stream_and_the_token_field_flags() {
+    let s = FaultServer::keep_alive(|_, seen| {
+        let body: Value = serde_json::from_str(&seen.body).unwrap();
+        if body.get("max_tokens").is_some() {
+            return Reply::Status(400, MAX_TOKENS_UNSUPPORTED.into(), vec![]);
+        }
+        assert_eq!(body["stream"], true);
+        Reply::Events { pieces: thinking_stream(true), chunked: true, stall: None }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let backend = format!("openai:fake-model@{}", s.url);
+    let o = bsa(&["generate", "--backend", &backend, "--stream", "--max-tokens-field", "auto", "--concurrency", "2", "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("sending max_completion_tokens"), "{stderr}");
+    let recs = records(&out.join("samples.jsonl"));
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert_eq!((r["thinking"].as_str(), r["response"].as_str(), r["completion_tokens"].as_u64()), (Some("Gefährlich: 危险."), Some("Nein, danke ✓"), Some(7)), "{r}");
+    }
+    let o = bsa(&["generate", "--backend", &backend, "--max-tokens-field", "max_completion_tokens", "--scenario", "RO", "--limit", "2", "--samples", "2", "--max-new-tokens", "16", "--quiet", "--out", out.to_str().unwrap()], "k");
+    assert!(o.status.success(), "client settings are not the job: {}", String::from_utf8_lossy(&o.stderr));
 }

@@ -137,7 +137,8 @@ pub struct Completion {
     /// label starts, in [`LabelFormat::labels`] order (see
     /// [`crate::engine::constraint::Guide::choice_probs`]).
     pub label_probs: Option<Vec<f64>>,
-    /// Why the sample ended with [`FinishReason::Error`] (the local engine's message).
+    /// Why the sample ended with [`FinishReason::Error`] (the local engine's message, or
+    /// why a server's reply could not be read).
     pub error: Option<String>,
 }
 

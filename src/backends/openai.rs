@@ -2,13 +2,18 @@
 //! `bsa serve` or a hosted API, for generation (`--backend openai:MODEL@URL`) and for the
 //! judge (`--judge openai:MODEL@URL`).
 //!
-//! Requests run on a few threads at once (`concurrency`); a 429, a 5xx, a timeout, a broken
-//! connection or a 200 whose body is not a chat completion is tried again after an
-//! exponential backoff with jitter (a `Retry-After` from the server wins); any other 4xx is
-//! the caller's mistake and fails at once with the server's message. The API key comes from
-//! an environment variable and lives only in the `Authorization` header: it is in no error,
-//! manifest, record or log line.
+//! Requests run on a few threads at once (`concurrency`) over kept-alive connections from one
+//! pool; a 429, a 5xx, a timeout, a broken connection or a 200 whose body is not a chat
+//! completion is tried again after an exponential backoff with jitter (a `Retry-After` from
+//! the server wins); any other 4xx is the caller's mistake and fails at once with the
+//! server's message. A reply is read whole (JSON) or as server-sent events (`--stream`, or
+//! any reply of type `text/event-stream`: [`stream`]). The API key comes from an environment
+//! variable and lives only in the `Authorization` header: it is in no error, manifest,
+//! record or log line.
 
+mod stream;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -66,6 +71,10 @@ pub struct ClientOptions {
     /// The first backoff; doubled every retry, capped at `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
+    /// The name the token limit is sent under.
+    pub max_tokens_field: MaxTokensField,
+    /// Ask for the reply as server-sent events (`"stream": true`, with usage) and read them.
+    pub stream: bool,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +86,42 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(600),
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            max_tokens_field: MaxTokensField::Auto,
+            stream: false,
+        }
+    }
+}
+
+/// The name a request gives its token limit (`--max-tokens-field`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaxTokensField {
+    /// `max_tokens`: vLLM, SGLang, the llama.cpp server, `bsa serve`, most hosted models.
+    MaxTokens,
+    /// `max_completion_tokens`: what hosted reasoning models take (they answer 400 to
+    /// `max_tokens`).
+    MaxCompletionTokens,
+    /// `max_tokens` until the server answers 400 naming it as unsupported; then that request
+    /// again at once, and every later one of the client, with `max_completion_tokens`.
+    #[default]
+    Auto,
+}
+
+impl MaxTokensField {
+    /// `max_tokens`, `max_completion_tokens` or `auto`; the error says which are allowed.
+    pub fn parse(s: &str) -> std::result::Result<MaxTokensField, String> {
+        match s {
+            "max_tokens" => Ok(MaxTokensField::MaxTokens),
+            "max_completion_tokens" => Ok(MaxTokensField::MaxCompletionTokens),
+            "auto" => Ok(MaxTokensField::Auto),
+            _ => Err("must be max_tokens, max_completion_tokens or auto (max_tokens until the server refuses it, then max_completion_tokens)".into()),
+        }
+    }
+
+    /// The JSON key sent: `auto` sends `max_tokens` (until a client switches).
+    pub fn key(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+            MaxTokensField::MaxTokens | MaxTokensField::Auto => "max_tokens",
         }
     }
 }
@@ -100,16 +145,27 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
+    /// The JSON body for `model`, the limit sent as `max_tokens`, not streamed.
     pub fn body(&self, model: &str) -> Value {
+        self.wire_body(model, MaxTokensField::MaxTokens, false)
+    }
+
+    /// The JSON body for `model` with the limit under `field`'s key; `stream` asks for
+    /// server-sent events with a final usage chunk.
+    pub fn wire_body(&self, model: &str, field: MaxTokensField, stream: bool) -> Value {
         let mut b = json!({
             "model": model,
             "messages": self.messages,
             "n": self.n.max(1),
             "temperature": decimal(self.temperature),
             "top_p": decimal(self.top_p),
-            "max_tokens": self.max_tokens,
         });
         let o = b.as_object_mut().expect("an object");
+        o.insert(field.key().into(), json!(self.max_tokens));
+        if stream {
+            o.insert("stream".into(), json!(true));
+            o.insert("stream_options".into(), json!({"include_usage": true}));
+        }
         if self.top_k > 0 {
             o.insert("top_k".into(), json!(self.top_k));
         }
@@ -139,15 +195,22 @@ fn decimal(x: f32) -> f64 {
 pub struct ChatChoice {
     #[serde(default)]
     pub content: String,
-    /// `reasoning_content` (DeepSeek, vLLM) or `reasoning` (newer vLLM, OpenRouter).
+    /// `reasoning_content` (DeepSeek, vLLM) or `reasoning` (newer vLLM, OpenRouter), or the
+    /// thinking parts of a content list.
     pub reasoning: Option<String>,
     pub finish_reason: Option<String>,
+    /// Why this choice could not be read (a content part of a type bsa does not know); the
+    /// sample is then recorded as failed with this message.
+    pub error: Option<String>,
 }
 
 impl ChatChoice {
-    /// Why the server stopped: "length" is the token limit, anything else ended on its own.
+    /// Why the server stopped: "length" is the token limit, anything else ended on its own;
+    /// a choice that could not be read is an error.
     pub fn finish(&self) -> FinishReason {
-        if self.finish_reason.as_deref() == Some("length") {
+        if self.error.is_some() {
+            FinishReason::Error
+        } else if self.finish_reason.as_deref() == Some("length") {
             FinishReason::Length
         } else {
             FinishReason::Stop
@@ -157,12 +220,55 @@ impl ChatChoice {
     /// This choice as the [`Completion`] of sample `tag`.
     pub fn into_completion(self, tag: usize, prompt_tokens: usize, completion_tokens: usize) -> Completion {
         let finish = self.finish();
-        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None, label_probs: None, error: None }
+        Completion { tag, text: self.content, reasoning: self.reasoning, finish, prompt_tokens, completion_tokens, refused: None, label_probs: None, error: self.error }
     }
 
     /// Thinking and response (see [`Completion::split`]).
     pub fn split(&self, think: &ThinkConvention) -> SplitCompletion {
         self.clone().into_completion(0, 0, 0).split(think)
+    }
+
+    /// Appends a message's (or a stream delta's) `content`: a string is text; a list of
+    /// parts is read in order, thinking parts (`thinking`, `reasoning`) to the reasoning and
+    /// text parts (`text`, `output_text`, `refusal`) to the content; null adds nothing. A
+    /// part it cannot read (an unknown type, a part without its text) sets `error`, naming
+    /// it, rather than being dropped.
+    fn add_content(&mut self, content: Option<&Value>) {
+        let parts = match content {
+            None | Some(Value::Null) => return,
+            Some(Value::String(s)) => return self.content.push_str(s),
+            Some(Value::Array(parts)) => parts,
+            Some(other) => {
+                self.error.get_or_insert_with(|| format!("the reply's content is neither a text nor a list of parts: {}", snippet(&other.to_string())));
+                return;
+            }
+        };
+        for (i, part) in parts.iter().enumerate() {
+            let kind = part.get("type").and_then(Value::as_str);
+            // Anthropic and Mistral name the thinking `thinking` (Mistral's a list of text
+            // parts); others `reasoning`, or put it in `text`/`summary`.
+            let (fields, thinking): (&[&str], bool) = match kind {
+                _ if part.is_string() => (&[], false),
+                Some("text" | "output_text") => (&["text"], false),
+                Some("refusal") => (&["refusal", "text"], false),
+                Some("thinking" | "reasoning") => (&["thinking", "reasoning", "text", "summary", "content"], true),
+                _ => {
+                    let named = kind.map_or_else(|| "no type".to_string(), |k| format!("type {k:?}"));
+                    self.error.get_or_insert_with(|| {
+                        format!("content part {i} has {named}, which bsa cannot read (it reads text, output_text, refusal, thinking and reasoning parts): {}", snippet(&part.to_string()))
+                    });
+                    continue;
+                }
+            };
+            let text = if let Some(s) = part.as_str() { Some(s.to_string()) } else { fields.iter().find_map(|f| part.get(*f).and_then(part_text)) };
+            match (text, thinking) {
+                (Some(t), true) => self.reasoning.get_or_insert_with(String::new).push_str(&t),
+                (Some(t), false) => self.content.push_str(&t),
+                (None, _) => {
+                    self.error.get_or_insert_with(|| format!("content part {i} of type {:?} holds no text: {}", kind.unwrap_or(""), snippet(&part.to_string())));
+                }
+            }
+        }
     }
 }
 
@@ -173,22 +279,40 @@ pub struct ChatReply {
     pub completion_tokens: usize,
 }
 
-/// Reads a chat completion body; None when it is not one.
+/// Reads a chat completion body; None when it is not one. Explicit nulls count as absent.
 pub fn parse_reply(body: &str) -> Option<ChatReply> {
     let v: Value = serde_json::from_str(body).ok()?;
     let choices = v.get("choices")?.as_array()?;
     let mut out = Vec::with_capacity(choices.len());
     for c in choices {
-        let msg = c.get("message")?;
+        let msg = c.get("message").filter(|m| m.is_object())?;
         let text = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_string);
-        out.push(ChatChoice {
-            content: text("content").unwrap_or_default(),
-            reasoning: text("reasoning_content").or_else(|| text("reasoning")),
-            finish_reason: c.get("finish_reason").and_then(Value::as_str).map(str::to_string),
-        });
+        let mut choice = ChatChoice { content: String::new(), reasoning: text("reasoning_content").or_else(|| text("reasoning")), finish_reason: c.get("finish_reason").and_then(Value::as_str).map(str::to_string), error: None };
+        choice.add_content(msg.get("content"));
+        // OpenAI puts a refusal beside a null content; for a safety benchmark it is the answer.
+        if choice.content.is_empty() && choice.error.is_none() {
+            choice.content = text("refusal").unwrap_or_default();
+        }
+        out.push(choice);
     }
-    let usage = |k: &str| v.get("usage").and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0) as usize;
-    Some(ChatReply { choices: out, prompt_tokens: usage("prompt_tokens"), completion_tokens: usage("completion_tokens") })
+    let (prompt_tokens, completion_tokens) = usage(v.get("usage"));
+    Some(ChatReply { choices: out, prompt_tokens, completion_tokens })
+}
+
+/// Prompt and completion tokens of a `usage` object (0 for what it lacks, or a null).
+fn usage(u: Option<&Value>) -> (usize, usize) {
+    let n = |k: &str| u.and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0) as usize;
+    (n("prompt_tokens"), n("completion_tokens"))
+}
+
+/// The text of a part's field: a string, or a list of strings and `{"text": ...}` parts
+/// joined.
+fn part_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items.iter().map(|i| i.as_str().or_else(|| i.get("text").and_then(Value::as_str))).collect(),
+        _ => None,
+    }
 }
 
 /// An API key that never prints.
@@ -208,6 +332,9 @@ pub struct Client {
     key: Option<ApiKey>,
     agent: ureq::Agent,
     pub opts: ClientOptions,
+    /// Set under [`MaxTokensField::Auto`] once the server has refused `max_tokens`: every
+    /// later request of every worker sends `max_completion_tokens`.
+    completion_tokens: AtomicBool,
 }
 
 /// Why one attempt failed, and whether to try again (after how long, if the server said).
@@ -215,8 +342,28 @@ struct Failure {
     message: String,
     retry: bool,
     retry_after: Option<Duration>,
-    /// The HTTP status, when the server answered with one.
+    /// The HTTP status, when the server answered with one (or an error event named one).
     status: Option<u16>,
+    /// The server's `error` object, when its body had one.
+    error: Option<Value>,
+}
+
+impl Failure {
+    /// A failure worth another attempt, with no word from the server on when.
+    fn retryable(message: String) -> Failure {
+        Failure { message, retry: true, retry_after: None, status: None, error: None }
+    }
+}
+
+/// Whether a server's `error` object refuses `max_tokens` as a parameter (OpenAI's
+/// `unsupported_parameter`, or a message saying to use `max_completion_tokens`), rather than
+/// refusing its value.
+fn refuses_max_tokens(error: &Value) -> bool {
+    let field = |k: &str| error.get(k).and_then(Value::as_str).unwrap_or("");
+    let message = field("message").to_ascii_lowercase();
+    let names_it = field("param") == "max_tokens" || message.contains("max_tokens");
+    let unsupported = field("code") == "unsupported_parameter" || ["unsupported", "not supported", "max_completion_tokens"].iter().any(|w| message.contains(w));
+    names_it && unsupported
 }
 
 /// A server's refusal of one request that says nothing about the others: HTTP 400, 413 or
@@ -249,8 +396,26 @@ impl Client {
         if opts.concurrency == 0 {
             bail!("--concurrency must be at least 1");
         }
-        let agent = ureq::AgentBuilder::new().timeout_connect(opts.timeout.min(Duration::from_secs(30))).timeout(opts.timeout).build();
-        Ok(Client { endpoint, key: key.filter(|k| !k.is_empty()).map(ApiKey), agent, opts })
+        // One idle connection per worker kept for reuse (ureq keeps one per host by default,
+        // so the other workers would reconnect every time).
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(opts.timeout.min(Duration::from_secs(30)))
+            .timeout(opts.timeout)
+            .max_idle_connections_per_host(opts.concurrency)
+            .max_idle_connections(opts.concurrency.max(100))
+            .build();
+        let completion_tokens = AtomicBool::new(opts.max_tokens_field == MaxTokensField::MaxCompletionTokens);
+        Ok(Client { endpoint, key: key.filter(|k| !k.is_empty()).map(ApiKey), agent, opts, completion_tokens })
+    }
+
+    /// The field requests send their token limit under now: `max_tokens` or
+    /// `max_completion_tokens`, never `Auto`.
+    pub fn max_tokens_field(&self) -> MaxTokensField {
+        if self.completion_tokens.load(Ordering::Relaxed) {
+            MaxTokensField::MaxCompletionTokens
+        } else {
+            MaxTokensField::MaxTokens
+        }
     }
 
     /// The endpoint as recorded in a manifest (no key).
@@ -260,14 +425,25 @@ impl Client {
 
     /// One chat completion, retried as the module doc says.
     pub fn chat(&self, req: &ChatRequest) -> Result<ChatReply> {
-        let body = req.body(&self.endpoint.model).to_string();
         let url = self.endpoint.chat_url();
         let mut attempt = 0;
         loop {
-            let failure = match self.attempt(&url, &body) {
+            let field = self.max_tokens_field();
+            let body = req.wire_body(&self.endpoint.model, field, self.opts.stream).to_string();
+            let mut failure = match self.attempt(&url, &body) {
                 Ok(reply) => return Ok(reply),
                 Err(f) => f,
             };
+            if failure.status == Some(400) && field == MaxTokensField::MaxTokens && failure.error.as_ref().is_some_and(refuses_max_tokens) {
+                if self.opts.max_tokens_field == MaxTokensField::Auto {
+                    if !self.completion_tokens.swap(true, Ordering::Relaxed) {
+                        eprintln!("note: {url} refuses max_tokens; sending max_completion_tokens from now on");
+                    }
+                    // Not a failed attempt: the same request at once, in the server's terms.
+                    continue;
+                }
+                failure.message.push_str(" (pass --max-tokens-field max_completion_tokens, or auto)");
+            }
             if let (false, Some(status @ (400 | 413 | 422))) = (failure.retry, failure.status) {
                 return Err(anyhow::Error::new(Refusal { status, message: format!("{url}: {}", failure.message) }));
             }
@@ -289,45 +465,37 @@ impl Client {
     }
 
     fn attempt(&self, url: &str, body: &str) -> std::result::Result<ChatReply, Failure> {
-        // A fresh connection per request: servers built on tiny_http (`bsa serve` among them)
-        // pin one pool thread to each open connection, and connections that arrive together
-        // can be queued behind them until they close; kept alive, 8 workers got 4 served at a
-        // time, the others only once the first ones' connections went away. A reconnect costs
-        // far less than a completion.
-        let mut r = self.agent.post(url).set("Content-Type", "application/json").set("Connection", "close");
+        let mut r = self.agent.post(url).set("Content-Type", "application/json");
         if let Some(k) = &self.key {
             r = r.set("Authorization", &format!("Bearer {}", k.0));
         }
         match r.send_string(body) {
+            // Some servers stream whether asked to or not: the type says how to read it.
+            Ok(resp) if resp.content_type().eq_ignore_ascii_case("text/event-stream") => stream::read(resp.into_reader()),
             Ok(resp) => {
-                let text = resp.into_string().map_err(|e| Failure { message: format!("reading the reply: {e}"), retry: true, retry_after: None, status: None })?;
+                let text = resp.into_string().map_err(|e| Failure::retryable(format!("reading the reply: {e}")))?;
                 parse_reply(&text).ok_or_else(|| Failure {
-                    message: format!("the server answered 200 with a body that is not a chat completion: {}", snippet(&text)),
-                    retry: true,
-                    retry_after: None,
                     status: Some(200),
+                    ..Failure::retryable(format!("the server answered 200 with a body that is not a chat completion: {}", snippet(&text)))
                 })
             }
             Err(ureq::Error::Status(code, resp)) => {
                 let retry_after = resp.header("Retry-After").and_then(|s| s.trim().parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0).map(|s| Duration::from_secs_f64(s.min(self.opts.max_backoff.as_secs_f64().max(1.0))));
                 let text = resp.into_string().unwrap_or_default();
-                let msg = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
-                    .unwrap_or_else(|| snippet(&text));
-                let retry = matches!(code, 408 | 409 | 429) || code >= 500;
+                let error = serde_json::from_str::<Value>(&text).ok().and_then(|v| v.get("error").cloned());
+                let msg = error.as_ref().and_then(|e| e.get("message").and_then(Value::as_str).map(str::to_string)).unwrap_or_else(|| snippet(&text));
                 let hint = match code {
                     401 | 403 => " (check the API key: OPENAI_API_KEY or the variable named by --api-key-env)",
                     404 => " (check the model name and the base URL, which usually ends in /v1)",
                     _ => "",
                 };
-                Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry, retry_after, status: Some(code) })
+                Err(Failure { message: format!("HTTP {code}: {msg}{hint}"), retry: retryable_status(code), retry_after, status: Some(code), error })
             }
             // ureq's message starts with the URL, which the caller puts first already.
             Err(ureq::Error::Transport(t)) => {
                 let text = t.to_string();
                 let message = text.strip_prefix(url).map(|m| m.trim_start_matches(':').trim_start().to_string()).unwrap_or(text);
-                Err(Failure { message, retry: true, retry_after: None, status: None })
+                Err(Failure::retryable(message))
             }
         }
     }
@@ -390,6 +558,12 @@ impl Client {
             first_err.map_or(Ok(()), Err)
         })
     }
+}
+
+/// Whether an HTTP status (or an error event's code) is worth another attempt: the server
+/// is busy or broken, not the request wrong.
+fn retryable_status(code: u16) -> bool {
+    matches!(code, 408 | 409 | 429) || code >= 500
 }
 
 /// The start of a body, for error messages.
@@ -572,6 +746,51 @@ mod tests {
         assert_eq!((plain.prompt_tokens, plain.completion_tokens), (3, 1));
         assert!(parse_reply("<html>busy</html>").is_none());
         assert!(parse_reply(r#"{"choices":[{"text":"legacy"}]}"#).is_none());
+    }
+
+    #[test]
+    fn content_parts_and_nulls_are_read() {
+        let reply = |message: Value| parse_reply(&json!({"choices": [{"message": message, "finish_reason": null}], "usage": null}).to_string()).unwrap();
+        // Mistral's thinking is itself a list of text parts; a string part is text.
+        let r = reply(json!({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "Ri"}, {"type": "text", "text": "sky."}]}, "Ans", {"type": "text", "text": "wer."}], "reasoning": null}));
+        let c = &r.choices[0];
+        assert_eq!((c.reasoning.as_deref(), c.content.as_str(), c.error.as_deref(), c.finish()), (Some("Risky."), "Answer.", None, FinishReason::Stop));
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (0, 0));
+        // A reasoning field and thinking parts: the field first.
+        let c = &reply(json!({"reasoning_content": "A.", "content": [{"type": "reasoning", "reasoning": "B."}, {"type": "output_text", "text": "C"}]})).choices[0];
+        assert_eq!((c.reasoning.as_deref(), c.content.as_str()), (Some("A.B."), "C"));
+        // A refusal beside a null content is the answer.
+        assert_eq!(reply(json!({"content": null, "refusal": "I can't help with that."})).choices[0].content, "I can't help with that.");
+        for (message, named) in [
+            (json!({"content": [{"type": "text", "text": "x"}, {"type": "audio", "data": "..."}]}), "type \"audio\""),
+            (json!({"content": [{"text": "untyped"}]}), "no type"),
+            (json!({"content": [{"type": "text"}]}), "holds no text"),
+            (json!({"content": {"type": "text", "text": "x"}}), "neither a text nor a list"),
+        ] {
+            let c = reply(message.clone()).choices[0].clone();
+            let e = c.error.clone().unwrap_or_default();
+            assert!(e.contains(named), "{message}: {e}");
+            let done = c.into_completion(3, 0, 0);
+            assert_eq!((done.finish, done.error.as_deref()), (FinishReason::Error, Some(e.as_str())));
+        }
+        assert!(parse_reply(r#"{"choices":[{"message":null}]}"#).is_none());
+    }
+
+    #[test]
+    fn the_token_limit_goes_under_the_chosen_name_and_stream_asks_for_usage() {
+        let r = ChatRequest { n: 1, max_tokens: 8, ..Default::default() };
+        let b = r.wire_body("m", MaxTokensField::MaxCompletionTokens, true);
+        assert_eq!((b.get("max_tokens"), b["max_completion_tokens"].as_u64()), (None, Some(8)));
+        assert_eq!((b["stream"].as_bool(), b["stream_options"]["include_usage"].as_bool()), (Some(true), Some(true)));
+        let b = r.wire_body("m", MaxTokensField::Auto, false);
+        assert_eq!((b["max_tokens"].as_u64(), b.get("max_completion_tokens"), b.get("stream")), (Some(8), None, None));
+        assert_eq!(MaxTokensField::parse("max_completion_tokens"), Ok(MaxTokensField::MaxCompletionTokens));
+        assert!(MaxTokensField::parse("max").unwrap_err().contains("max_tokens, max_completion_tokens or auto"));
+        let refusal = |e: Value| refuses_max_tokens(&e);
+        assert!(refusal(json!({"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", "param": "max_tokens", "code": "unsupported_parameter"})));
+        assert!(refusal(json!({"message": "max_tokens is not supported; use max_completion_tokens"})));
+        assert!(!refusal(json!({"message": "max_tokens = 33 is out of range: 1 to 32", "param": "max_tokens"})));
+        assert!(!refusal(json!({"message": "Unsupported parameter: 'top_k'", "param": "top_k", "code": "unsupported_parameter"})));
     }
 
     #[test]

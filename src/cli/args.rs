@@ -7,6 +7,7 @@ use clap::Args;
 
 use bsa::analysis::metrics::{InvalidPolicy, ScoreOptions, TruncatedPolicy, AUTHORS_F_ALPHA};
 use bsa::backends::local::{CacheSizing, LocalOptions};
+use bsa::backends::openai::MaxTokensField;
 use bsa::pipeline::judge::run::ReplyFormat;
 use bsa::prompt::PromptSettings;
 use bsa::data::{read_id_file, Selection, Shard};
@@ -186,6 +187,16 @@ pub struct RemoteArgs {
     /// (exponential backoff with jitter; the server's Retry-After wins).
     #[arg(long, default_value_t = 5, value_parser = count_u32)]
     pub http_retries: u32,
+    /// The name the token limit is sent under: max_tokens, max_completion_tokens (hosted
+    /// reasoning models take only this), or auto: max_tokens until the server refuses it
+    /// by name, then max_completion_tokens for the rest of the run.
+    #[arg(long, value_name = "max_tokens|max_completion_tokens|auto", default_value = "auto", value_parser = MaxTokensField::parse)]
+    pub max_tokens_field: MaxTokensField,
+    /// Ask the server to stream (`"stream": true`, with usage) and read its server-sent
+    /// events, for servers that only stream. A reply of type text/event-stream is read as
+    /// one either way.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 impl RemoteArgs {
@@ -195,6 +206,8 @@ impl RemoteArgs {
             concurrency: self.concurrency,
             retries: self.http_retries,
             timeout: std::time::Duration::from_secs(self.request_timeout.max(1)),
+            max_tokens_field: self.max_tokens_field,
+            stream: self.stream,
             ..Default::default()
         }
     }
