@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::sync::mpsc::UnboundedSender;
@@ -52,6 +52,8 @@ pub(super) struct Job {
 
 /// Per-request bookkeeping inside the engine thread.
 struct Pending {
+    /// Samples not finished yet.
+    left: usize,
     stream: bool,
     cancel: Arc<AtomicBool>,
     events: UnboundedSender<Event>,
@@ -98,7 +100,7 @@ pub(super) fn run(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx
                 specs.push(SampleSpec { tag: next_tag, params: *params, stream: *stream, max_new_tokens: *max_new_tokens, ignore_eos: job.ignore_eos, grammar: job.grammar.clone(), logprobs: job.logprobs });
                 next_tag += 1;
             }
-            jobs.borrow_mut().insert(id, Pending { stream: job.stream, cancel: job.cancel, events: job.events });
+            jobs.borrow_mut().insert(id, Pending { left: job.samples.len(), stream: job.stream, cancel: job.cancel, events: job.events });
             groups.push(PromptGroup { prompt: job.prompt, samples: specs });
         }
         step_began.set(Some(Instant::now()));
@@ -127,15 +129,16 @@ pub(super) fn run(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx
         stats.queued_samples.fetch_sub(1, Ordering::SeqCst);
         stats.queued_max_tokens.fetch_sub(s.max_tokens, Ordering::SeqCst);
         let mut jobs = jobs.borrow_mut();
-        let job = jobs.get(&s.job).expect("a request outlives its samples");
+        let job = jobs.get_mut(&s.job).expect("a request outlives its samples");
+        job.left -= 1;
         if job.cancel.load(Ordering::Relaxed) {
             stats.cancelled_samples.fetch_add(1, Ordering::Relaxed);
         } else {
-            stats.drain.lock().unwrap().sample_done(f.tokens.len());
+            stats.drain.lock().unwrap().sample_done(f.tokens.len(), s.max_tokens);
         }
         // A client that went away no longer listens; that is not the engine's problem.
         let _ = job.events.send(Event::Done { choice: s.choice, finished: f });
-        if !samples.borrow().values().any(|o| o.job == s.job) {
+        if job.left == 0 {
             jobs.remove(&s.job);
         }
         Ok(())
@@ -145,7 +148,12 @@ pub(super) fn run(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx
             stats.decode_steps.fetch_add(1, Ordering::Relaxed);
             stats.decode_tokens.fetch_add(s.decode_tokens, Ordering::Relaxed);
             if let Some(t) = step_began.get() {
-                stats.drain.lock().unwrap().step_done(t.elapsed().as_secs_f64());
+                // The drain pace is that of decode steps: steps that also prefill (a flood's
+                // prompts) only seed the estimate.
+                let mut drain = stats.drain.lock().unwrap();
+                if s.prefill_tokens == 0 || !drain.has_pace() {
+                    drain.step_done(t.elapsed().as_secs_f64());
+                }
             }
         }
         stats.prefill_tokens.fetch_add(s.prefill_tokens, Ordering::Relaxed);
@@ -156,36 +164,81 @@ pub(super) fn run(m: LoadedModel, mut cache: KvCache, sched: SchedulerConfig, rx
 }
 
 /// What the engine has measured of its own pace, for Retry-After: how long a step takes and
-/// how many tokens a finished sample had, as exponential moving averages.
+/// how many tokens a finished sample had, as exponential moving averages; and the samples
+/// already told to come back, which are ahead of a request refused now.
 #[derive(Debug, Default)]
 pub struct DrainEstimate {
     step_seconds: Option<f64>,
-    sample_tokens: Option<f64>,
+    /// The share of its max_tokens a finished sample used (lengths follow the limits asked
+    /// for, which change from one load to the next; the share carries over better).
+    used_share: Option<f64>,
+    /// Refused requests' samples and when they were told to come back.
+    promised: std::collections::VecDeque<(Instant, usize)>,
 }
 
 impl DrainEstimate {
-    const WEIGHT: f64 = 0.1;
+    const WEIGHT: f64 = 0.2;
+    /// A step's time before one has been measured (a flood at start is refused before the
+    /// first step ends): a CPU's or a large model's step, so early clients wait long enough.
+    const PRIOR_STEP_SECONDS: f64 = 0.1;
+    /// Room for prefill steps and a pace that varies.
+    const MARGIN: f64 = 1.5;
+    /// Longest Retry-After: the `openai` SDK gives up on longer ones.
+    pub const MAX_SECONDS: u64 = 60;
+
+    fn has_pace(&self) -> bool {
+        self.step_seconds.is_some()
+    }
 
     fn step_done(&mut self, seconds: f64) {
         self.step_seconds = Some(self.step_seconds.map_or(seconds, |s| s + Self::WEIGHT * (seconds - s)));
     }
 
-    fn sample_done(&mut self, tokens: usize) {
-        let t = tokens as f64;
-        self.sample_tokens = Some(self.sample_tokens.map_or(t, |s| s + Self::WEIGHT * (t - s)));
+    fn sample_done(&mut self, tokens: usize, max_tokens: usize) {
+        let u = (tokens as f64 / max_tokens.max(1) as f64).min(1.0);
+        self.used_share = Some(self.used_share.map_or(u, |s| s + Self::WEIGHT * (u - s)));
     }
 
     /// Seconds until `samples` more samples have finished, with `batch` decoding at once and
     /// `max_tokens` the mean limit of the samples queued: each sample takes its expected
-    /// length in steps (the mean length of finished samples, at most `max_tokens`; the limit
-    /// itself before any has finished), and `batch` of them finish per that many steps. An
-    /// upper bound, as the samples running are part done. `None` before the first step has
-    /// been timed.
-    pub fn seconds_for(&self, samples: usize, batch: usize, max_tokens: usize) -> Option<f64> {
-        let step = self.step_seconds?;
-        let len = self.sample_tokens.map_or(max_tokens as f64, |t| t.min(max_tokens as f64)).max(1.0);
+    /// length in steps (`max_tokens` times the share of their limit finished samples used;
+    /// all of it before any has finished), and `batch` of them finish per that many steps.
+    /// An upper bound, as the samples running are part done.
+    pub fn seconds_for(&self, samples: usize, batch: usize, max_tokens: usize) -> f64 {
+        let step = self.step_seconds.unwrap_or(Self::PRIOR_STEP_SECONDS);
+        let len = (self.used_share.unwrap_or(1.0) * max_tokens as f64).max(1.0);
         let rounds = (samples as f64 / batch.max(1) as f64).ceil();
-        Some(rounds * len * step)
+        rounds * len * step
+    }
+
+    /// Retry-After, in whole seconds (1 to [`Self::MAX_SECONDS`]), for a request of `n`
+    /// samples refused at `now` with `queued` samples queued or decoding under a bound of
+    /// `max_queue`: the time for enough samples to finish that it fits behind the samples
+    /// already told to come back (so clients refused together come back in turn, not all at
+    /// once into room for a few). The request is then counted among those.
+    pub fn retry_after(&mut self, now: Instant, queued: usize, n: usize, max_queue: usize, batch: usize, max_tokens: usize) -> u64 {
+        let ahead: usize = self.promised.iter().map(|&(_, k)| k).sum();
+        let excess = (queued + ahead + n).saturating_sub(max_queue).max(1);
+        let secs = (Self::MARGIN * self.seconds_for(excess, batch, max_tokens)).ceil() as u64;
+        let secs = secs.clamp(1, Self::MAX_SECONDS);
+        let at = now + Duration::from_secs(secs);
+        // Kept in order of their time.
+        let i = self.promised.partition_point(|&(t, _)| t <= at);
+        self.promised.insert(i, (at, n));
+        secs
+    }
+
+    /// A request of `n` samples arrived at `now`: if a promise of `n` is due (its client is
+    /// most likely this one, back), it is no longer ahead of anyone. Promises long past are
+    /// dropped (their clients gave up).
+    pub fn arrived(&mut self, now: Instant, n: usize) {
+        while self.promised.front().is_some_and(|&(at, _)| at + Duration::from_secs(5) < now) {
+            self.promised.pop_front();
+        }
+        let due = now + Duration::from_millis(500);
+        if let Some(i) = self.promised.iter().position(|&(at, k)| at <= due && k == n) {
+            self.promised.remove(i);
+        }
     }
 }
 
@@ -196,16 +249,45 @@ mod tests {
     #[test]
     fn drain_time_counts_rounds_of_a_full_batch() {
         let mut d = DrainEstimate::default();
-        assert_eq!(d.seconds_for(10, 4, 100), None);
+        // Before a step is timed: the prior pace.
+        assert!((d.seconds_for(10, 4, 100) - 3.0 * 100.0 * DrainEstimate::PRIOR_STEP_SECONDS).abs() < 1e-9);
         d.step_done(0.05);
         // 10 samples at 4 per round: 3 rounds of 100 steps of 0.05 s.
-        assert!((d.seconds_for(10, 4, 100).unwrap() - 15.0).abs() < 1e-9);
-        d.sample_done(20);
-        assert!((d.seconds_for(4, 4, 100).unwrap() - 1.0).abs() < 1e-9);
-        // Never longer than the queued samples' limit.
-        assert!((d.seconds_for(4, 4, 10).unwrap() - 0.5).abs() < 1e-9);
-        // Moving averages move a tenth of the way.
-        d.sample_done(120);
-        assert!((d.sample_tokens.unwrap() - 30.0).abs() < 1e-9);
+        assert!((d.seconds_for(10, 4, 100) - 15.0).abs() < 1e-9);
+        // Samples that stop at a fifth of their limit: a fifth of the steps.
+        d.sample_done(20, 100);
+        assert!((d.seconds_for(4, 4, 100) - 1.0).abs() < 1e-9);
+        assert!((d.seconds_for(4, 4, 1000) - 10.0).abs() < 1e-9);
+        // Moving averages move a fifth of the way (0.2 to 1.0: 0.36).
+        d.sample_done(50, 50);
+        assert!((d.used_share.unwrap() - 0.36).abs() < 1e-9);
+    }
+
+    #[test]
+    fn requests_refused_together_are_told_to_come_back_in_turn() {
+        let mut d = DrainEstimate::default();
+        d.step_done(0.1);
+        let now = Instant::now();
+        // A full queue of 8 (batch 4, 20 tokens a sample: 2 s a round, 3 s with the margin):
+        // the first 4 refused fit after one round, the next 4 after two.
+        let waits: Vec<u64> = (0..8).map(|_| d.retry_after(now, 8, 1, 8, 4, 20)).collect();
+        assert_eq!(waits, [3, 3, 3, 3, 6, 6, 6, 6]);
+        // A client back at its time takes its promise out: the first four back, refused
+        // again, wait behind the four still due later, not behind themselves.
+        let back = now + Duration::from_secs(3);
+        let again: Vec<u64> = (0..4)
+            .map(|_| {
+                d.arrived(back, 1);
+                d.retry_after(back, 8, 1, 8, 4, 20)
+            })
+            .collect();
+        assert_eq!(again, [6, 6, 6, 6]);
+        // Promises long past are dropped.
+        let later = now + Duration::from_secs(20);
+        d.arrived(later, 2);
+        assert!(d.promised.is_empty());
+        assert_eq!(d.retry_after(later, 8, 1, 8, 4, 20), 3);
+        // Never more than the SDK's limit.
+        assert_eq!(d.retry_after(later, 8, 1, 8, 1, 100_000), DrainEstimate::MAX_SECONDS);
     }
 }

@@ -192,7 +192,7 @@ fn routes(front: Arc<Frontend>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
-            error_response(ApiError { status: 405, ..ApiError::new(405, "invalid_request_error", "method_not_allowed", format!("{method} is not allowed on {}", uri.path())) })
+            error_response(ApiError::new(405, "invalid_request_error", "method_not_allowed", format!("{method} is not allowed on {}", uri.path())))
         })
         .fallback(|uri: axum::http::Uri| async move {
             error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {}; this server has POST /v1/chat/completions, GET /v1/models, GET /health", uri.path())))
@@ -225,7 +225,9 @@ async fn health(State(front): State<Arc<Frontend>>) -> Response {
 fn authorize(front: &Frontend, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &front.opts.api_key else { return Ok(()) };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
-    if given.and_then(|g| g.strip_prefix("Bearer ")).map(str::trim) == Some(key.as_str()) {
+    // The scheme is case-insensitive (RFC 9110).
+    let token = given.and_then(|g| g.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim());
+    if token == Some(key.as_str()) {
         return Ok(());
     }
     Err(ApiError::new(401, "invalid_request_error", "invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY"))
@@ -271,7 +273,7 @@ async fn chat_reply(front: Arc<Frontend>, headers: HeaderMap, body: Body) -> Res
         return Err(ApiError { retry_after: Some(1), ..ApiError::new(503, "server_error", "server_busy", "too many request bytes are being read at once; retry shortly") });
     };
     let raw = match tokio::time::timeout(opts.body_timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => return Err(ApiError { code: Some("request_timeout"), ..ApiError::new(408, "invalid_request_error", "request_timeout", format!("the request body did not arrive within {} s", opts.body_timeout.as_secs_f64())) }),
+        Err(_) => return Err(ApiError::new(408, "invalid_request_error", "request_timeout", format!("the request body did not arrive within {} s", opts.body_timeout.as_secs_f64()))),
         Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
         Ok(Err(e)) => return Err(ApiError::bad(None, format!("reading the request body: {e}"))),
         Ok(Ok(raw)) => raw,
@@ -318,15 +320,14 @@ fn admit(front: &Frontend, p: &Prepared) -> Result<(UnboundedReceiver<Event>, Ar
     let opts = &front.opts;
     let stats = &front.stats;
     let n = p.n;
+    stats.drain.lock().unwrap().arrived(std::time::Instant::now(), n);
     let before = stats.queued_samples.fetch_add(n, Ordering::SeqCst);
     if before + n > opts.max_queue {
         stats.queued_samples.fetch_sub(n, Ordering::SeqCst);
         stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
         // When enough samples will have finished for this one to fit, at the engine's pace.
-        let excess = before + n - opts.max_queue;
         let mean_max_tokens = stats.queued_max_tokens.load(Ordering::SeqCst) / before.max(1);
-        let wait = stats.drain.lock().unwrap().seconds_for(excess, opts.batch_size.min(before.max(1)), mean_max_tokens).unwrap_or(1.0);
-        let secs = (wait.ceil() as u64).clamp(1, 60);
+        let secs = stats.drain.lock().unwrap().retry_after(std::time::Instant::now(), before, n, opts.max_queue, opts.batch_size.min(before.max(1)), mean_max_tokens);
         return Err(ApiError {
             retry_after: Some(secs),
             ..ApiError::new(429, "rate_limit_error", "server_busy", format!("the server is busy ({before} samples queued or decoding, limit {}); retry after {secs} s", opts.max_queue))

@@ -237,7 +237,9 @@ impl Server {
                 names.push(alias);
             }
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bsa-http").enable_all().build().context("starting the HTTP runtime")?;
+        // Few blocking threads (they parse and tokenize): each is a malloc arena, and a flood of
+        // large bodies spread over hundreds of them kept hundreds of MB resident.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(4).thread_name("bsa-http").enable_all().build().context("starting the HTTP runtime")?;
         let bind = format!("{}:{}", opts.host, opts.port);
         let listener = runtime.block_on(tokio::net::TcpListener::bind(&bind)).map_err(|e| anyhow!("cannot listen on {bind}: {e}; pick another --port or --host"))?;
         let addr = listener.local_addr()?;

@@ -164,8 +164,16 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
     fields.retain(|k, _| READ.contains(&k.as_str()));
     let body: ChatBody = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
         let path = e.path().to_string();
-        let field = path.split(['.', '[']).next().unwrap_or("").to_string();
-        ApiError::bad((!field.is_empty() && field != ".").then_some(field.as_str()), format!("{path}: {}", e.inner()))
+        let inner = e.inner().to_string();
+        // A missing field is reported at the top level: name it from the message.
+        let missing = inner.strip_prefix("missing field `").and_then(|m| m.split('`').next()).map(str::to_string);
+        let field = missing.clone().unwrap_or_else(|| path.split(['.', '[']).next().unwrap_or("").to_string());
+        let message = match (&missing, field.as_str()) {
+            (Some(m), _) => format!("{m} is required"),
+            (None, "stop") => format!("stop must be a string or a list of strings, not {}", raw_field(raw, "stop")),
+            _ => format!("{path}: {inner}"),
+        };
+        ApiError::bad((!field.is_empty() && field != ".").then_some(field.as_str()), message)
     })?;
     if !front.names.contains(&body.model) {
         return Err(ApiError {
@@ -232,6 +240,9 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
             return Err(ApiError::bad(Some("messages"), format!("messages[{i}].role {:?}: use system, user or assistant", m.role)));
         }
         let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+        if m.content.is_null() && role != "assistant" {
+            return Err(ApiError::bad(Some("messages"), format!("messages[{i}] ({}) has no content; give it a string", m.role)));
+        }
         let text = content_text(&m.content).ok_or_else(|| ApiError::bad(Some("messages"), format!("messages[{i}].content must be a string or a list of text parts")))?;
         content_bytes += text.len();
         messages.push(Message::new(role, text));
@@ -257,6 +268,11 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
     let text = front.prompter.render_messages_with(&messages, enable_thinking, kwargs).map_err(|e| ApiError::bad(Some("messages"), format!("the chat template refused the messages: {e:#}")))?;
     if text.len() > byte_limit {
         return Err(too_long(format!("the rendered prompt has {} bytes, more than {} tokens can spell; shorten the messages", text.len(), front.max_model_len)));
+    }
+    // Tokenizing costs far more memory than the text (a 3.7 MB prompt took 4 GB at once):
+    // a long text is first counted in pieces, and refused as soon as the count is over.
+    if let Some(tokens) = tokens_over(&front.tokenizer, &text, front.max_model_len) {
+        return Err(too_long(format!("the prompt has over {tokens} tokens, more than the {} one sequence may have; shorten the messages", front.max_model_len)));
     }
     let prompt = encode_prompt(&front.tokenizer, front.bos.as_ref().map(|(id, t)| (*id, t.as_str())), &text).map_err(|e| ApiError::bad(Some("messages"), format!("{e:#}")))?;
     let room = front.max_model_len.saturating_sub(prompt.len());
@@ -287,6 +303,45 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
     })
 }
 
+/// A top-level field of the raw body, as JSON (for error messages).
+fn raw_field(raw: &[u8], field: &str) -> String {
+    serde_json::from_slice::<Value>(raw).ok().and_then(|v| v.get(field).map(Value::to_string)).unwrap_or_default()
+}
+
+/// Bytes of text tokenized at once when counting a long prompt.
+const COUNT_PIECE_BYTES: usize = 64 << 10;
+
+/// Some(a lower bound over `limit`) when `text` has more than `limit` tokens, found by
+/// tokenizing it in pieces of about [`COUNT_PIECE_BYTES`] (cut before a whitespace, where
+/// pre-tokenizers split anyway) and stopping once the count is over; None when it may fit.
+/// Each cut can merge at most one token away, so a piece counts one less than it tokenizes
+/// to. A text of one piece is left to the full tokenization.
+fn tokens_over(tokenizer: &tokenizers::Tokenizer, text: &str, limit: usize) -> Option<usize> {
+    if text.len() <= COUNT_PIECE_BYTES {
+        return None;
+    }
+    let mut counted = 0usize;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(COUNT_PIECE_BYTES);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut < rest.len() {
+            if let Some(ws) = rest[..cut].rfind(char::is_whitespace).filter(|&w| w > 0) {
+                cut = ws;
+            }
+        }
+        let n = tokenizer.encode(&rest[..cut], false).map(|e| e.len()).unwrap_or(0);
+        counted += n.saturating_sub(1);
+        if counted > limit {
+            return Some(counted);
+        }
+        rest = &rest[cut..];
+    }
+    None
+}
+
 /// The grammar of a request's `response_format`: none for `text` (or no field), any JSON
 /// object for `json_object`, the schema of `json_schema` (`{"json_schema": {"schema": ...}}`),
 /// decoded under llguidance like a local judge's labels.
@@ -301,7 +356,8 @@ fn response_format_grammar(front: &Frontend, format: Option<&Value>) -> Result<O
             .and_then(|j| j.get("schema"))
             .cloned()
             .ok_or_else(|| bad("response_format of type json_schema needs json_schema.schema".into()))?,
-        other => return Err(bad(format!("response_format type {other:?} is not supported; use text, json_object or json_schema"))),
+        Some(other) => return Err(bad(format!("response_format type {other:?} is not supported; use text, json_object or json_schema"))),
+        None => return Err(bad(format!("response_format = {format} has no type; send {{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, json_object or text"))),
     };
     let (vocab_size, eos) = front.grammar_vocab;
     let compiler = front

@@ -40,7 +40,7 @@ pub struct BenchServeArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Concurrent clients to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64", value_parser = positive)]
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_parser = positive)]
     pub clients: Vec<usize>,
     /// Requests each client sends, one after another.
     #[arg(long, default_value_t = 2, value_parser = positive)]
