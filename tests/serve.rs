@@ -35,6 +35,11 @@ impl Served {
         Served { child, base }
     }
 
+    /// `127.0.0.1:PORT`
+    fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").trim_end_matches("/v1").to_string()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base.trim_end_matches("/v1"))
     }
@@ -427,7 +432,7 @@ fn a_prompt_fed_mid_run_joins_the_batch_and_decodes_as_alone() {
 /// timeout answers first), and reads the status and JSON body of the reply.
 fn raw_exchange(server: &Served, bytes: &[u8], hold: Duration) -> (u16, Value) {
     use std::io::{Read, Write};
-    let addr = server.base.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    let addr = server.addr();
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(bytes).unwrap();
@@ -632,7 +637,7 @@ fn a_client_that_disconnects_cancels_its_samples() {
     let server = Served::start(&model, &[]);
     let chat = server.url("/v1/chat/completions");
     let long = chat_body(json!({"max_tokens": 4000, "ignore_eos": true, "n": 2, "stream": true}));
-    let addr = server.base.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    let addr = server.addr();
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}", long.len()).unwrap();
     let mut buf = [0u8; 4096];
@@ -750,7 +755,7 @@ fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     });
     let status = server.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
-    let addr = server.base.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    let addr = server.addr();
     assert!(std::net::TcpStream::connect(addr).is_err(), "no longer listening");
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::engine::{Event, Job};
 use super::protocol::{self, ApiError, Prepared};
-use super::stream::{ChoiceText, Delta};
+use super::stream::{self, ChoiceText};
 use super::Frontend;
 use crate::engine::sampler::StreamKey;
 use crate::engine::scheduler::{self, Finished};
@@ -368,13 +368,6 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The answer of a finished sample, as the non-streamed reply and a stream's end both cut it.
-fn final_text(front: &Frontend, stop: &[String], f: &Finished) -> Delta {
-    let text = crate::backends::local::completion_text(&front.tokenizer, &f.tokens, stop, f.finish == scheduler::FinishReason::StopString).unwrap_or_default();
-    let split = crate::prompt::split_completion(&text, &front.think);
-    Delta { thinking: split.thinking, response: split.response }
-}
-
 async fn whole_reply(front: &Frontend, p: &Prepared, mut events: UnboundedReceiver<Event>, mut guard: CancelOnDrop, id: &str, created: u64) -> Result<Response, ApiError> {
     let mut done: Vec<Option<Finished>> = (0..p.n).map(|_| None).collect();
     let mut left = p.n;
@@ -391,7 +384,7 @@ async fn whole_reply(front: &Frontend, p: &Prepared, mut events: UnboundedReceiv
     guard.finished = true;
     front.stats.completed_requests.fetch_add(1, Ordering::Relaxed);
     let finished: Vec<Finished> = done.into_iter().map(|f| f.expect("all finished")).collect();
-    let choices = finished.iter().map(|f| (final_text(front, &p.stop, f), f)).collect();
+    let choices = finished.iter().map(|f| (stream::answer(&front.tokenizer, &f.tokens, &p.stop, f.finish == scheduler::FinishReason::StopString, front.prompter.think()), f)).collect();
     Ok(json_response(200, &protocol::completion_body(&front.tokenizer, id, created, &p.model, p.prompt.len(), choices)))
 }
 
@@ -415,7 +408,7 @@ fn stream_reply(front: Arc<Frontend>, p: Prepared, events: UnboundedReceiver<Eve
         prompt_tokens: usize,
         include_usage: bool,
     }
-    let texts = (0..p.n).map(|_| ChoiceText::new(front.tokenizer.clone(), p.stop.clone(), front.think.clone())).collect();
+    let texts = (0..p.n).map(|_| ChoiceText::new(front.tokenizer.clone(), p.stop.clone(), front.prompter.think().clone())).collect();
     let logprobs_sent = p.logprobs.map(|_| vec![0; p.n]);
     let st = St { front, events, guard, texts, logprobs_sent, left: p.n, completion_tokens: 0, started: false, ended: false, id, created, model: p.model, prompt_tokens: p.prompt.len(), include_usage: p.include_usage };
     let body = futures_util::stream::unfold(st, |mut st| async move {

@@ -35,7 +35,7 @@ use crate::engine::constraint::GrammarCompiler;
 use crate::engine::load;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::tokenizer::max_text_bytes_per_token;
-use crate::prompt::{Prompter, ThinkConvention};
+use crate::prompt::Prompter;
 
 pub use engine::DrainEstimate;
 
@@ -178,7 +178,6 @@ struct Frontend {
     grammar_vocab: (usize, u32),
     bos: Option<(u32, String)>,
     prompter: Prompter,
-    think: ThinkConvention,
     /// Most tokens of one sequence, prompt and max_tokens (the cache plan's `max_model_len`).
     max_model_len: usize,
     /// The most bytes of text one token stands for: a text longer than `max_model_len`
@@ -252,7 +251,6 @@ impl Server {
             grammars: std::sync::OnceLock::new(),
             grammar_vocab: (m.config.vocab_size, m.eos_ids.first().copied().unwrap_or(0)),
             bos: m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.clone()),
-            think: prompter.think().clone(),
             prompter,
             max_model_len: plan.max_model_len,
             max_bytes_per_token: max_text_bytes_per_token(&m.tokenizer),

@@ -162,6 +162,8 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
         }
     }
     fields.retain(|k, _| READ.contains(&k.as_str()));
+    // For the message should `stop` not parse (untagged enums say nothing useful).
+    let stop_given = fields.get("stop").map(Value::to_string).unwrap_or_default();
     let body: ChatBody = serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.inner().to_string();
@@ -170,7 +172,7 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
         let field = missing.clone().unwrap_or_else(|| path.split(['.', '[']).next().unwrap_or("").to_string());
         let message = match (&missing, field.as_str()) {
             (Some(m), _) => format!("{m} is required"),
-            (None, "stop") => format!("stop must be a string or a list of strings, not {}", raw_field(raw, "stop")),
+            (None, "stop") => format!("stop must be a string or a list of strings, not {stop_given}"),
             _ => format!("{path}: {inner}"),
         };
         ApiError::bad((!field.is_empty() && field != ".").then_some(field.as_str()), message)
@@ -301,11 +303,6 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
         include_usage: body.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         logprobs,
     })
-}
-
-/// A top-level field of the raw body, as JSON (for error messages).
-fn raw_field(raw: &[u8], field: &str) -> String {
-    serde_json::from_slice::<Value>(raw).ok().and_then(|v| v.get(field).map(Value::to_string)).unwrap_or_default()
 }
 
 /// Bytes of text tokenized at once when counting a long prompt.

@@ -66,9 +66,8 @@ impl ChoiceText {
     /// The finished sample (its final tokens, and whether a stop string ended it): the rest
     /// of the answer, cut exactly as the non-streamed reply is.
     pub fn finish(&mut self, tokens: &[u32], stopped: bool) -> Delta {
-        let text = completion_text(&self.tokenizer, tokens, &self.stops, stopped).unwrap_or_default();
-        let split = split_completion(&text, &self.think);
-        self.release(&split.thinking, &split.response)
+        let answer = answer(&self.tokenizer, tokens, &self.stops, stopped, &self.think);
+        self.release(&answer.thinking, &answer.response)
     }
 
     /// The part of `thinking` and `response` not sent yet. Text is only ever appended to
@@ -80,6 +79,14 @@ impl ChoiceText {
         self.sent.response.push_str(&out.response);
         out
     }
+}
+
+/// The thinking and response of a finished sample's `tokens` (`stopped`: a stop string ended
+/// it): the non-streamed reply, and what a stream's deltas add up to.
+pub(super) fn answer(tokenizer: &tokenizers::Tokenizer, tokens: &[u32], stops: &[String], stopped: bool, think: &ThinkConvention) -> Delta {
+    let text = completion_text(tokenizer, tokens, stops, stopped).unwrap_or_default();
+    let split = split_completion(&text, think);
+    Delta { thinking: split.thinking, response: split.response }
 }
 
 fn extension(sent: &str, now: &str) -> String {
