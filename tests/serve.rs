@@ -580,6 +580,23 @@ fn logprobs_are_returned_and_consistent() {
     assert_eq!(text.trim(), c["message"]["content"].as_str().unwrap());
     let (_, plain, _) = send(&chat, None, Some(&chat_body(json!({"max_tokens": 8, "temperature": 0}))));
     assert_eq!(plain["choices"][0]["logprobs"], Value::Null, "none unless asked");
+
+    // Emoji: SmolLM2 writes each in several byte-level tokens, none a character alone. Each
+    // such token's `token` is U+FFFD, its `bytes` are its true bytes, and the bytes put
+    // together are the completion.
+    let emoji = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Write three emoji about the sea."}], "max_tokens": 24, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (s, body, _) = send(&chat, None, Some(&emoji.to_string()));
+    assert_eq!(s, 200, "{body}");
+    let c = &body["choices"][0];
+    let content = c["logprobs"]["content"].as_array().unwrap();
+    let bytes: Vec<u8> = content.iter().flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
+    let partial = content.iter().filter(|t| t["token"].as_str().unwrap().contains('\u{FFFD}')).count();
+    assert!(partial > 0, "the test needs tokens that are parts of characters: {c}");
+    assert_eq!(String::from_utf8(bytes).unwrap(), c["message"]["content"].as_str().unwrap(), "finish {}", c["finish_reason"]);
+    for t in content.iter().flat_map(|t| t["top_logprobs"].as_array().unwrap()) {
+        let b: Vec<u8> = t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(String::from_utf8_lossy(&b), t["token"].as_str().unwrap(), "{t}");
+    }
 }
 
 fn health(server: &Served) -> Value {
@@ -757,6 +774,76 @@ fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     assert!(status.success(), "exit status {status:?}");
     let addr = server.addr();
     assert!(std::net::TcpStream::connect(addr).is_err(), "no longer listening");
+}
+
+/// Past `--shutdown-grace`, requests still running are told why rather than cut off: a
+/// waiting request gets 503 `shutting_down`, a stream an error event and `[DONE]`; their
+/// samples are cancelled and the process exits 0 at once (not after their 2000 tokens).
+#[test]
+fn past_the_shutdown_grace_running_requests_get_503_and_the_server_exits() {
+    let Some(model) = smollm2() else { return };
+    let mut server = Served::start(&model, &["--shutdown-grace", "1"]);
+    let chat = server.url("/v1/chat/completions");
+    let long = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| send(&chat, None, Some(&long.to_string())));
+        let streamed = s.spawn(|| {
+            let mut b = long.clone();
+            b["stream"] = json!(true);
+            stream_events(&chat, &b)
+        });
+        wait_for(&server, 60, "both requests decoding", |st| st["running_samples"] == 2);
+        let sent = std::time::Instant::now();
+        assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap().success());
+        assert_error(&waiting.join().unwrap(), 503, None, "a request running past the grace");
+        let (events, done) = streamed.join().unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+        assert!(done, "the stream ends with [DONE] after its error event");
+        assert!(events.iter().all(|e| e["choices"].as_array().is_none_or(|c| c.iter().all(|c| c["finish_reason"].is_null()))), "no choice claims to have finished");
+        let status = server.child.wait().unwrap();
+        assert!(status.success(), "exit status {status:?}");
+        // The grace (1 s) and the replies' moment, not the 2000 tokens.
+        assert!(sent.elapsed() < Duration::from_secs(20), "exited {:?} after SIGTERM", sent.elapsed());
+    });
+}
+
+/// Model names: by default a GGUF is served under its file stem (its `general.name` has
+/// spaces), and the path as given and `general.name` are accepted as `model` too;
+/// `GET /v1/models/{id}` answers for each of them and 404s any other; a trailing slash gets
+/// a 404 that names the route meant.
+#[test]
+fn model_names_and_the_model_routes() {
+    let Some(model) = smollm2() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bsa")).args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--kv-cache-mb", "64"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
+    let server = Served { child, base: format!("{base}/v1") };
+    let stem = model.file_stem().unwrap().to_str().unwrap();
+    let (s, models, _) = send(&server.url("/v1/models"), None, None);
+    assert_eq!((s, models["data"][0]["id"].as_str()), (200, Some(stem)), "{models}");
+    let (_, health, _) = send(&server.url("/health"), None, None);
+    assert_eq!(health["model"], stem);
+    let by_path = model.to_str().unwrap();
+    for name in [stem, by_path] {
+        // Names may hold slashes (a path, a hub id): percent-encoded, or not.
+        let encoded: String = name.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+        for id in [encoded.as_str(), name] {
+            let (s, m, _) = send(&format!("{}/models/{id}", server.base), None, None);
+            assert_eq!((s, m["id"].as_str(), m["object"].as_str()), (200, Some(stem), Some("model")), "{id}: {m}");
+        }
+        let body = json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).to_string();
+        assert_eq!(send(&server.url("/v1/chat/completions"), None, Some(&body)).0, 200, "model {name:?}");
+    }
+    let (s, m, _) = send(&server.url("/v1/models/no-such-model"), None, None);
+    assert_eq!((s, m["error"]["code"].as_str()), (404, Some("model_not_found")), "{m}");
+    assert!(m["error"]["message"].as_str().unwrap().contains(stem), "{m}");
+    for (path, meant) in [("/v1/models/", "/v1/models"), ("/v1/chat/completions/", "/v1/chat/completions"), ("/health/", "/health")] {
+        let (s, e, _) = send(&server.url(path), None, None);
+        assert_eq!(s, 404, "{path}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(&format!("did you mean {meant} ")), "{path}: {e}");
+    }
 }
 
 /// The `openai` Python package from PyPI (a real third-party client; scripts/openai-venv.sh

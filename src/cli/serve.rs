@@ -10,7 +10,8 @@ pub struct ServeArgs {
     /// A .gguf file, a model directory, a preset or a hub id (as for generate).
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// The name clients send as `model` (default: the preset name or the model's id).
+    /// The name clients send as `model` (default: a model file's stem, else the preset name
+    /// or hub id; the --model argument as given is accepted too).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// A Jinja chat template file to use instead of the model's.

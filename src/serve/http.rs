@@ -190,12 +190,20 @@ fn routes(front: Arc<Frontend>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        // A wildcard: hub ids have a slash in them ("Qwen/Qwen3-8B").
+        .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat))
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             error_response(ApiError::new(405, "invalid_request_error", "method_not_allowed", format!("{method} is not allowed on {}", uri.path())))
         })
         .fallback(|uri: axum::http::Uri| async move {
-            error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {}; this server has POST /v1/chat/completions, GET /v1/models, GET /health", uri.path())))
+            const ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/models", "/v1/models/{id}", "/health"];
+            let path = uri.path();
+            let hint = match path.trim_end_matches('/') {
+                t if t != path && ROUTES.contains(&t) => format!("; did you mean {t} (no trailing slash)?"),
+                _ => String::new(),
+            };
+            error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {path}{hint}; this server has POST /v1/chat/completions, GET /v1/models, GET /v1/models/{{id}}, GET /health")))
         })
         .with_state(front)
 }
@@ -233,17 +241,28 @@ fn authorize(front: &Frontend, headers: &HeaderMap) -> Result<(), ApiError> {
     Err(ApiError::new(401, "invalid_request_error", "invalid_api_key", "missing or wrong API key: send Authorization: Bearer KEY"))
 }
 
+/// The served model as OpenAI's model object (with vLLM's `max_model_len`).
+fn model_object(front: &Frontend) -> Value {
+    json!({"id": front.names[0], "object": "model", "created": unix_now(), "owned_by": "bsa", "max_model_len": front.max_model_len})
+}
+
 async fn models(State(front): State<Arc<Frontend>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&front, &headers) {
         return error_response(e);
     }
-    json_response(
-        200,
-        &json!({
-            "object": "list",
-            "data": [{"id": front.names[0], "object": "model", "created": unix_now(), "owned_by": "bsa", "max_model_len": front.max_model_len}],
-        }),
-    )
+    json_response(200, &json!({"object": "list", "data": [model_object(&front)]}))
+}
+
+/// `GET /v1/models/{id}` (the SDK's `models.retrieve`): the served model under any name a
+/// request may use for it (its `id` is the served name), else 404 `model_not_found`.
+async fn model(State(front): State<Arc<Frontend>>, headers: HeaderMap, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    if let Err(e) = authorize(&front, &headers) {
+        return error_response(e);
+    }
+    if front.names.contains(&id) {
+        return json_response(200, &model_object(&front));
+    }
+    error_response(ApiError::new(404, "invalid_request_error", "model_not_found", format!("the model {id:?} is not served here; this server has {:?}", front.names[0])))
 }
 
 async fn chat(State(front): State<Arc<Frontend>>, headers: HeaderMap, body: Body) -> Response {
@@ -349,6 +368,20 @@ fn admit(front: &Frontend, p: &Prepared) -> Result<(UnboundedReceiver<Event>, Ar
     Ok((rx, cancel))
 }
 
+/// The answer to a request still running when the shutdown grace has passed.
+fn past_grace() -> ApiError {
+    ApiError::new(503, "server_error", "shutting_down", "the server is shutting down and its grace period for requests in flight has passed; this request was cancelled: retry on a running server")
+}
+
+/// The next engine event, or Err when the shutdown grace passes first.
+async fn next_event(front: &Frontend, events: &mut UnboundedReceiver<Event>) -> Result<Option<Event>, ApiError> {
+    let mut past = front.past_grace.subscribe();
+    tokio::select! {
+        e = events.recv() => Ok(e),
+        _ = past.wait_for(|p| *p) => Err(past_grace()),
+    }
+}
+
 fn engine_gone(front: &Frontend) -> ApiError {
     let why = front.engine_error.lock().unwrap().clone().unwrap_or_else(|| "the server is shutting down".into());
     ApiError::new(503, "server_error", "engine_stopped", format!("the engine is not running: {why}"))
@@ -372,7 +405,9 @@ async fn whole_reply(front: &Frontend, p: &Prepared, mut events: UnboundedReceiv
     let mut done: Vec<Option<Finished>> = (0..p.n).map(|_| None).collect();
     let mut left = p.n;
     while left > 0 {
-        match events.recv().await {
+        // Past the shutdown grace the error returns and `guard`, dropped unfinished, cancels
+        // the samples.
+        match next_event(front, &mut events).await? {
             Some(Event::Done { choice, finished }) => {
                 done[choice] = Some(finished);
                 left -= 1;
@@ -385,7 +420,7 @@ async fn whole_reply(front: &Frontend, p: &Prepared, mut events: UnboundedReceiv
     front.stats.completed_requests.fetch_add(1, Ordering::Relaxed);
     let finished: Vec<Finished> = done.into_iter().map(|f| f.expect("all finished")).collect();
     let choices = finished.iter().map(|f| (stream::answer(&front.tokenizer, &f.tokens, &p.stop, f.finish == scheduler::FinishReason::StopString, front.prompter.think()), f)).collect();
-    Ok(json_response(200, &protocol::completion_body(&front.tokenizer, id, created, &p.model, p.prompt.len(), choices)))
+    Ok(json_response(200, &protocol::completion_body(front, id, created, &p.model, p.prompt.len(), choices)))
 }
 
 /// A streamed reply: a role chunk per choice, text deltas as tokens decode, each choice's
@@ -428,7 +463,16 @@ fn stream_reply(front: Arc<Frontend>, p: Prepared, events: UnboundedReceiver<Eve
         loop {
             let event = if first {
                 first = false;
-                st.events.recv().await
+                match next_event(&st.front, &mut st.events).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // Past the shutdown grace: an error event, then [DONE] so that a
+                        // client reading to the end stops cleanly; the guard cancels.
+                        out.push_str(&format!("data: {}\n\ndata: [DONE]\n\n", e.body()));
+                        st.ended = true;
+                        break;
+                    }
+                }
             } else {
                 match st.events.try_recv() {
                     Ok(e) => Some(e),
@@ -440,7 +484,7 @@ fn stream_reply(front: Arc<Frontend>, p: Prepared, events: UnboundedReceiver<Eve
                     let d = st.texts[choice].push(&tokens);
                     let lp = st.logprobs_sent.as_mut().map(|sent| {
                         sent[choice] += logprobs.len();
-                        protocol::logprobs_content(&st.front.tokenizer, &logprobs)
+                        protocol::logprobs_content(&st.front, &logprobs)
                     });
                     if !d.is_empty() || lp.is_some() {
                         out.push_str(&chunk(&st, vec![protocol::chunk_choice(choice, protocol::text_delta(&d), lp, None)]));
@@ -455,7 +499,7 @@ fn stream_reply(front: Arc<Frontend>, p: Prepared, events: UnboundedReceiver<Eve
                         (Some(sent), Some(all)) => {
                             let rest = all.get(sent[choice]..).unwrap_or(&[]);
                             sent[choice] = all.len();
-                            Some(protocol::logprobs_content(&st.front.tokenizer, rest))
+                            Some(protocol::logprobs_content(&st.front, rest))
                         }
                         _ => None,
                     };

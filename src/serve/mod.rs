@@ -176,6 +176,9 @@ struct Frontend {
     grammars: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>,
     /// The logits width and end-of-sequence token the compiler needs besides the tokenizer.
     grammar_vocab: (usize, u32),
+    /// Every token's bytes for logprobs ([`protocol::token_bytes`]), read by the first
+    /// request that asks for logprobs.
+    token_bytes: std::sync::OnceLock<Option<Vec<Vec<u8>>>>,
     bos: Option<(u32, String)>,
     prompter: Prompter,
     /// Most tokens of one sequence, prompt and max_tokens (the cache plan's `max_model_len`).
@@ -191,6 +194,10 @@ struct Frontend {
     /// Request-body bytes being read, parsed or tokenized, in KiB permits
     /// (`max_inflight_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the shutdown grace has passed: requests still waiting on the engine
+    /// answer 503 `shutting_down` (a stream: an error event and `[DONE]`) and cancel their
+    /// samples, so every client is told why rather than cut off.
+    past_grace: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running server.
@@ -230,8 +237,13 @@ impl Server {
         cache.set_prefix_caching(opts.prefix_cache);
         eprintln!("{}", plan.describe());
         let m = local.loaded;
-        let mut names = vec![opts.served_model_name.clone().unwrap_or_else(|| m.description.id.clone())];
-        for alias in [opts.model.clone(), m.description.id.clone()] {
+        // The default name: a model file's stem (a GGUF's `general.name` can hold spaces),
+        // else the preset name or hub id; the other spellings are accepted too.
+        let path = std::path::Path::new(&opts.model);
+        let stem = path.is_file().then(|| path.file_stem()).flatten().map(|s| s.to_string_lossy().into_owned());
+        let default_name = stem.clone().unwrap_or_else(|| m.description.id.clone());
+        let mut names = vec![opts.served_model_name.clone().unwrap_or(default_name)];
+        for alias in [opts.model.clone(), m.description.id.clone()].into_iter().chain(stem) {
             if !names.contains(&alias) {
                 names.push(alias);
             }
@@ -249,6 +261,7 @@ impl Server {
             names,
             tokenizer: Arc::new(m.tokenizer.clone()),
             grammars: std::sync::OnceLock::new(),
+            token_bytes: std::sync::OnceLock::new(),
             grammar_vocab: (m.config.vocab_size, m.eos_ids.first().copied().unwrap_or(0)),
             bos: m.add_bos.then_some(m.bos_id).flatten().zip(m.bos_token.clone()),
             prompter,
@@ -260,6 +273,7 @@ impl Server {
             stats: stats.clone(),
             next_id: AtomicUsize::new(0),
             body_budget: Arc::new(tokio::sync::Semaphore::new(opts.max_inflight_bytes / 1024)),
+            past_grace: tokio::sync::watch::channel(false).0,
         });
         let sched = SchedulerConfig { max_batch: opts.batch_size, prefill_chunk: opts.prefill_chunk, eos: m.eos_ids.clone(), max_model_len: Some(plan.max_model_len) };
         let engine_front = front.clone();
@@ -337,11 +351,22 @@ impl Server {
     fn shutdown(&mut self) {
         let Some(runtime) = self.runtime.take() else { return };
         let _ = self.shutdown.send(true);
-        if let Some(accept) = self.accept.take() {
-            // The accept loop returns once the connections have wound down; past the grace
-            // period the runtime is dropped, which drops the requests still open: their
-            // samples are cancelled.
-            let _ = runtime.block_on(async { tokio::time::timeout(self.front.opts.shutdown_grace, accept).await });
+        if let Some(mut accept) = self.accept.take() {
+            // The accept loop returns once the connections have wound down. Past the grace
+            // period the requests still open are answered 503 (their samples cancelled) and
+            // get a moment to be written; then the runtime is dropped, with what is left.
+            let front = &self.front;
+            runtime.block_on(async {
+                if tokio::time::timeout(front.opts.shutdown_grace, &mut accept).await.is_err() {
+                    eprintln!(
+                        "bsa serve: the shutdown grace of {} s has passed; cancelling {} samples still queued or running (their clients get 503 shutting_down)",
+                        front.opts.shutdown_grace.as_secs_f64(),
+                        front.stats.queued_samples.load(Ordering::SeqCst)
+                    );
+                    front.past_grace.send_replace(true);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut accept).await;
+                }
+            });
         }
         runtime.shutdown_timeout(Duration::from_secs(1));
         self.front.jobs.lock().unwrap().take();

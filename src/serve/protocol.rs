@@ -391,7 +391,7 @@ pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 }
 
 /// The body of a (non-streamed) chat completion.
-pub(super) fn completion_body(tokenizer: &tokenizers::Tokenizer, id: &str, created: u64, model: &str, prompt_tokens: usize, choices: Vec<(Delta, &Finished)>) -> Value {
+pub(super) fn completion_body(front: &Frontend, id: &str, created: u64, model: &str, prompt_tokens: usize, choices: Vec<(Delta, &Finished)>) -> Value {
     let mut completion_tokens = 0;
     let choices: Vec<Value> = choices
         .into_iter()
@@ -403,7 +403,7 @@ pub(super) fn completion_body(tokenizer: &tokenizers::Tokenizer, id: &str, creat
                 "index": i,
                 "message": {"role": "assistant", "content": text.response, "reasoning_content": thinking, "reasoning": thinking},
                 "finish_reason": finish_reason(f.finish),
-                "logprobs": f.logprobs.as_ref().map(|l| logprobs_content(tokenizer, l)),
+                "logprobs": f.logprobs.as_ref().map(|l| logprobs_content(front, l)),
             })
         })
         .collect();
@@ -427,11 +427,18 @@ pub(super) fn chunk_choice(index: usize, delta: Value, logprobs: Option<Value>, 
 }
 
 /// OpenAI's `logprobs` object of a choice: `{"content": [{token, logprob, bytes,
-/// top_logprobs: [{token, logprob, bytes}]}]}`, a token's text being its own decoding.
-pub(super) fn logprobs_content(tokenizer: &tokenizers::Tokenizer, lps: &[TokenLogprob]) -> Value {
+/// top_logprobs: [{token, logprob, bytes}]}]}`. `bytes` are the token's own bytes (see
+/// [`token_bytes`]) and `token` their text, invalid UTF-8 replaced by U+FFFD: a byte-level
+/// token that is part of a character is a U+FFFD in `token` and its true byte in `bytes`,
+/// so the `bytes` of the tokens put together are the completion's text.
+pub(super) fn logprobs_content(front: &Frontend, lps: &[TokenLogprob]) -> Value {
+    let table = front.token_bytes.get_or_init(|| token_bytes(&front.tokenizer));
     let entry = |id: u32, logprob: f32| {
-        let text = tokenizer.decode(&[id], false).unwrap_or_default();
-        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+        let bytes = match table.as_ref().and_then(|t| t.get(id as usize)).filter(|b| !b.is_empty()) {
+            Some(b) => b.clone(),
+            None => front.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes(),
+        };
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": logprob, "bytes": bytes})
     };
     let content: Vec<Value> = lps
         .iter()
@@ -442,6 +449,20 @@ pub(super) fn logprobs_content(tokenizer: &tokenizers::Tokenizer, lps: &[TokenLo
         })
         .collect();
     json!({"content": content})
+}
+
+/// Every token's bytes, by id, read from the tokenizer's vocabulary the way llguidance reads
+/// it for grammars (byte-level BPE or byte fallback), a special token being its text; None
+/// for a tokenizer of neither kind (its tokens are then decoded one by one).
+pub(super) fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Option<Vec<Vec<u8>>> {
+    let json: Value = serde_json::from_str(&tokenizer.to_string(false).ok()?).ok()?;
+    let mut table = llguidance::token_bytes_from_tokenizer_json(&json).ok()?;
+    for t in &mut table {
+        if t.first() == Some(&llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER) {
+            t.remove(0);
+        }
+    }
+    Some(table)
 }
 
 /// The delta of a text update: `reasoning_content` and `content`, each when non-empty.

@@ -25,6 +25,16 @@ def stats():
         return json.load(r)["stats"]
 
 
+# The model routes: list and retrieve.
+assert [m.id for m in client.models.list()] == [model]
+m = client.models.retrieve(model)
+assert (m.id, m.object) == (model, "model"), m
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("retrieving an unknown model succeeded")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
+
 # Plain.
 r = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, seed=1)
 assert r.object == "chat.completion" and len(r.choices) == 1, r
