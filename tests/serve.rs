@@ -583,20 +583,33 @@ fn logprobs_are_returned_and_consistent() {
 
     // Emoji: SmolLM2 writes each in several byte-level tokens, none a character alone. Each
     // such token's `token` is U+FFFD, its `bytes` are its true bytes, and the bytes put
-    // together are the completion.
-    let emoji = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Write three emoji about the sea."}], "max_tokens": 24, "temperature": 0, "logprobs": true, "top_logprobs": 2});
-    let (s, body, _) = send(&chat, None, Some(&emoji.to_string()));
-    assert_eq!(s, 200, "{body}");
-    let c = &body["choices"][0];
-    let content = c["logprobs"]["content"].as_array().unwrap();
-    let bytes: Vec<u8> = content.iter().flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
-    let partial = content.iter().filter(|t| t["token"].as_str().unwrap().contains('\u{FFFD}')).count();
-    assert!(partial > 0, "the test needs tokens that are parts of characters: {c}");
-    assert_eq!(String::from_utf8(bytes).unwrap(), c["message"]["content"].as_str().unwrap(), "finish {}", c["finish_reason"]);
-    for t in content.iter().flat_map(|t| t["top_logprobs"].as_array().unwrap()) {
-        let b: Vec<u8> = t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
-        assert_eq!(String::from_utf8_lossy(&b), t["token"].as_str().unwrap(), "{t}");
+    // together are the completion, plus the first bytes of a character that max_tokens cut
+    // (the text leaves them out). 22, 23 and 24 tokens end both whole and cut.
+    let mut cut = 0;
+    for max_tokens in [22, 23, 24] {
+        let emoji = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Write three emoji about the sea."}], "max_tokens": max_tokens, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+        let (s, body, _) = send(&chat, None, Some(&emoji.to_string()));
+        assert_eq!(s, 200, "{body}");
+        let c = &body["choices"][0];
+        let content = c["logprobs"]["content"].as_array().unwrap();
+        let bytes: Vec<u8> = content.iter().flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
+        let partial = content.iter().filter(|t| t["token"].as_str().unwrap().contains('\u{FFFD}')).count();
+        assert!(partial > 0, "the test needs tokens that are parts of characters: {c}");
+        let text = c["message"]["content"].as_str().unwrap().as_bytes();
+        assert!(bytes.starts_with(text), "max_tokens {max_tokens}: {bytes:?} {c}");
+        let rest = &bytes[text.len()..];
+        if !rest.is_empty() {
+            cut += 1;
+            assert_eq!(c["finish_reason"], "length", "{c}");
+            let e = std::str::from_utf8(rest).unwrap_err();
+            assert!(e.valid_up_to() == 0 && e.error_len().is_none() && rest.len() < 4, "only an incomplete character is left out: {rest:?}");
+        }
+        for t in content.iter().flat_map(|t| t["top_logprobs"].as_array().unwrap()) {
+            let b: Vec<u8> = t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+            assert_eq!(String::from_utf8_lossy(&b), t["token"].as_str().unwrap(), "{t}");
+        }
     }
+    assert!((1..3).contains(&cut), "{cut} of 3 lengths cut a character: the test needs both kinds");
 }
 
 fn health(server: &Served) -> Value {
@@ -786,7 +799,12 @@ fn past_the_shutdown_grace_running_requests_get_503_and_the_server_exits() {
     let chat = server.url("/v1/chat/completions");
     let long = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
     std::thread::scope(|s| {
-        let waiting = s.spawn(|| send(&chat, None, Some(&long.to_string())));
+        let waiting = s.spawn(|| {
+            let r = ureq::post(&chat).set("Content-Type", "application/json").send_string(&long.to_string());
+            let Err(ureq::Error::Status(status, r)) = r else { panic!("not an error status: {r:?}") };
+            let should_retry = r.header("x-should-retry").map(str::to_string);
+            (status, serde_json::from_str::<Value>(&r.into_string().unwrap()).unwrap(), should_retry)
+        });
         let streamed = s.spawn(|| {
             let mut b = long.clone();
             b["stream"] = json!(true);
@@ -795,7 +813,10 @@ fn past_the_shutdown_grace_running_requests_get_503_and_the_server_exits() {
         wait_for(&server, 60, "both requests decoding", |st| st["running_samples"] == 2);
         let sent = std::time::Instant::now();
         assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap().success());
-        assert_error(&waiting.join().unwrap(), 503, None, "a request running past the grace");
+        let waited = waiting.join().unwrap();
+        assert_error(&waited, 503, None, "a request running past the grace");
+        assert_eq!(waited.1["error"]["code"], "shutting_down");
+        assert_eq!(waited.2.as_deref(), Some("false"), "x-should-retry: the openai SDK would retry into a closed port");
         let (events, done) = streamed.join().unwrap();
         let last = events.last().unwrap();
         assert_eq!(last["error"]["code"], "shutting_down", "{last}");
@@ -838,11 +859,18 @@ fn model_names_and_the_model_routes() {
     }
     let (s, m, _) = send(&server.url("/v1/models/no-such-model"), None, None);
     assert_eq!((s, m["error"]["code"].as_str()), (404, Some("model_not_found")), "{m}");
-    assert!(m["error"]["message"].as_str().unwrap().contains(stem), "{m}");
+    // The error names every accepted name: the stem, the path, general.name ("Smollm2 ...").
+    let msg = m["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("{stem:?} (also accepted: ")) && msg.contains(&format!("{by_path:?}")) && msg.contains("\"Smollm2 "), "{m}");
+    let body = json!({"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]}).to_string();
+    let (s, e, _) = send(&server.url("/v1/chat/completions"), None, Some(&body));
+    assert!(s == 404 && e["error"]["message"].as_str().unwrap().ends_with(msg.split_once("; ").unwrap().1), "{e}");
+    let (s, m, _) = send(&format!("{}/models/{stem}/", server.base), None, None);
+    assert!(s == 404 && m["error"]["message"].as_str().unwrap().contains("without the trailing slash"), "{m}");
     for (path, meant) in [("/v1/models/", "/v1/models"), ("/v1/chat/completions/", "/v1/chat/completions"), ("/health/", "/health")] {
         let (s, e, _) = send(&server.url(path), None, None);
         assert_eq!(s, 404, "{path}: {e}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(&format!("did you mean {meant} ")), "{path}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(&format!("did you mean {meant}, without the trailing slash")), "{path}: {e}");
     }
 }
 

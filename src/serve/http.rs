@@ -200,7 +200,7 @@ fn routes(front: Arc<Frontend>) -> Router {
             const ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/models", "/v1/models/{id}", "/health"];
             let path = uri.path();
             let hint = match path.trim_end_matches('/') {
-                t if t != path && ROUTES.contains(&t) => format!("; did you mean {t} (no trailing slash)?"),
+                t if t != path && ROUTES.contains(&t) => format!(" (did you mean {t}, without the trailing slash?)"),
                 _ => String::new(),
             };
             error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {path}{hint}; this server has POST /v1/chat/completions, GET /v1/models, GET /v1/models/{{id}}, GET /health")))
@@ -262,13 +262,17 @@ async fn model(State(front): State<Arc<Frontend>>, headers: HeaderMap, axum::ext
     if front.names.contains(&id) {
         return json_response(200, &model_object(&front));
     }
-    error_response(ApiError::new(404, "invalid_request_error", "model_not_found", format!("the model {id:?} is not served here; this server has {:?}", front.names[0])))
+    let hint = match id.trim_end_matches('/') {
+        t if t != id && front.names.iter().any(|n| n == t) => format!(" (did you mean {t:?}, without the trailing slash?)"),
+        _ => String::new(),
+    };
+    error_response(ApiError::new(404, "invalid_request_error", "model_not_found", format!("the model {id:?} is not served here{hint}; {}", protocol::served_names(&front))))
 }
 
 async fn chat(State(front): State<Arc<Frontend>>, headers: HeaderMap, body: Body) -> Response {
     match chat_reply(front, headers, body).await {
         Ok(r) => r,
-        Err(e) => error_response(e),
+        Err(e) => error_response_of(e),
     }
 }
 
@@ -371,6 +375,18 @@ fn admit(front: &Frontend, p: &Prepared) -> Result<(UnboundedReceiver<Event>, Ar
 /// The answer to a request still running when the shutdown grace has passed.
 fn past_grace() -> ApiError {
     ApiError::new(503, "server_error", "shutting_down", "the server is shutting down and its grace period for requests in flight has passed; this request was cancelled: retry on a running server")
+}
+
+/// The error response; a request cancelled by shutdown also says `x-should-retry: false`
+/// (honoured by the `openai` SDK): its automatic retry would only meet a closed port and
+/// hide the reason behind a connection error.
+fn error_response_of(e: ApiError) -> Response {
+    let shutting_down = e.code == Some("shutting_down");
+    let mut r = error_response(e);
+    if shutting_down {
+        r.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    r
 }
 
 /// The next engine event, or Err when the shutdown grace passes first.

@@ -330,9 +330,9 @@ impl Server {
         });
         if let Some(sig) = signal {
             eprintln!(
-                "bsa serve: {sig}: not accepting new connections; finishing {} queued or running samples (up to {} s)",
-                self.front.stats.queued_samples.load(Ordering::SeqCst),
-                self.front.opts.shutdown_grace.as_secs()
+                "bsa serve: {sig}: not accepting new connections; finishing {} queued or running (up to {} s)",
+                samples(self.front.stats.queued_samples.load(Ordering::SeqCst)),
+                self.front.opts.shutdown_grace.as_secs_f64()
             );
         }
         self.shutdown();
@@ -359,9 +359,9 @@ impl Server {
             runtime.block_on(async {
                 if tokio::time::timeout(front.opts.shutdown_grace, &mut accept).await.is_err() {
                     eprintln!(
-                        "bsa serve: the shutdown grace of {} s has passed; cancelling {} samples still queued or running (their clients get 503 shutting_down)",
+                        "bsa serve: the shutdown grace of {} s has passed; cancelling {} still queued or running (their clients get 503 shutting_down)",
                         front.opts.shutdown_grace.as_secs_f64(),
-                        front.stats.queued_samples.load(Ordering::SeqCst)
+                        samples(front.stats.queued_samples.load(Ordering::SeqCst))
                     );
                     front.past_grace.send_replace(true);
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut accept).await;
@@ -380,6 +380,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// "1 sample", "2 samples".
+fn samples(n: usize) -> String {
+    format!("{n} sample{}", if n == 1 { "" } else { "s" })
 }
 
 /// `bsa serve`: starts the server, prints where it listens, serves until SIGINT/SIGTERM.

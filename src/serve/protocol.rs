@@ -181,7 +181,7 @@ pub(super) fn prepare(front: &Frontend, raw: &[u8]) -> Result<Prepared, ApiError
         return Err(ApiError {
             status: 404,
             code: Some("model_not_found"),
-            ..ApiError::bad(Some("model"), format!("the model {:?} is not served here; this server has {:?}", body.model, front.names[0]))
+            ..ApiError::bad(Some("model"), format!("the model {:?} is not served here; {}", body.model, served_names(front)))
         });
     }
     let stream = body.stream.unwrap_or(false);
@@ -388,6 +388,13 @@ pub(super) fn finish_reason(f: scheduler::FinishReason) -> &'static str {
 /// `usage` of a reply.
 pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// "this server has "NAME" (also accepted: "ALIAS", ...)": what an unknown model's error says.
+pub(super) fn served_names(front: &Frontend) -> String {
+    let also: Vec<String> = front.names[1..].iter().map(|n| format!("{n:?}")).collect();
+    let also = if also.is_empty() { String::new() } else { format!(" (also accepted: {})", also.join(", ")) };
+    format!("this server has {:?}{also}", front.names[0])
 }
 
 /// The body of a (non-streamed) chat completion.
