@@ -21,10 +21,17 @@ struct Served {
 }
 
 impl Served {
+    /// Served as `smollm2-135m`, with a 256 MiB KV cache.
     fn start(model: &PathBuf, extra: &[&str]) -> Served {
+        Served::spawn(&[&["--model", model.to_str().unwrap(), "--served-model-name", "smollm2-135m", "--kv-cache-mb", "256"], extra].concat())
+    }
+
+    /// `bsa serve ARGS --port 0`, once it says where it listens.
+    fn spawn(args: &[&str]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bsa"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--served-model-name", "smollm2-135m", "--port", "0", "--kv-cache-mb", "256"])
-            .args(extra)
+            .arg("serve")
+            .args(args)
+            .args(["--port", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -836,11 +843,7 @@ fn past_the_shutdown_grace_running_requests_get_503_and_the_server_exits() {
 #[test]
 fn model_names_and_the_model_routes() {
     let Some(model) = smollm2() else { return };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bsa")).args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--kv-cache-mb", "64"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
-    let server = Served { child, base: format!("{base}/v1") };
+    let server = Served::spawn(&["--model", model.to_str().unwrap(), "--kv-cache-mb", "64"]);
     let stem = model.file_stem().unwrap().to_str().unwrap();
     let (s, models, _) = send(&server.url("/v1/models"), None, None);
     assert_eq!((s, models["data"][0]["id"].as_str()), (200, Some(stem)), "{models}");

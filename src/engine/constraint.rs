@@ -62,6 +62,17 @@ impl TokenizerEnv for HfTokenizerEnv {
     }
 }
 
+/// Every token's bytes, by id, as llguidance reads them from the tokenizer's vocabulary
+/// (byte-level BPE or byte fallback); a special token is its text after
+/// [`TokTrie::SPECIAL_TOKEN_MARKER`].
+///
+/// Errors: a tokenizer that does not serialise, or whose token bytes cannot be recovered
+/// (neither byte-level BPE nor byte fallback).
+pub fn vocabulary_bytes(tokenizer: &tokenizers::Tokenizer) -> Result<Vec<Vec<u8>>> {
+    let json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?)?;
+    llguidance::token_bytes_from_tokenizer_json(&json)
+}
+
 /// Compiles grammars against one model's vocabulary. Building it reads every token's
 /// bytes and builds llguidance's token trie (about half a second for SmolLM2's 49k tokens
 /// on 2 CPU cores); build one per model, when it is first needed.
@@ -84,11 +95,7 @@ impl GrammarCompiler {
     /// Errors: a tokenizer whose token bytes cannot be recovered (neither byte-level BPE
     /// nor byte fallback).
     pub fn new(tokenizer: &tokenizers::Tokenizer, vocab_size: usize, eos: u32) -> Result<GrammarCompiler> {
-        let json: serde_json::Value = serde_json::from_str(
-            &tokenizer.to_string(false).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?,
-        )?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
-            .context("reading the bytes of every token for structured output")?;
+        let mut words = vocabulary_bytes(tokenizer).context("reading the bytes of every token for structured output")?;
         let vocab_size = vocab_size.max(words.len());
         words.resize(vocab_size, Vec::new());
         let info = TokRxInfo::new(vocab_size as u32, eos);

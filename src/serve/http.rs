@@ -197,15 +197,23 @@ fn routes(front: Arc<Frontend>) -> Router {
             error_response(ApiError::new(405, "invalid_request_error", "method_not_allowed", format!("{method} is not allowed on {}", uri.path())))
         })
         .fallback(|uri: axum::http::Uri| async move {
-            const ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/models", "/v1/models/{id}", "/health"];
+            // What the routes above serve, for the message.
+            const ROUTES: [(&str, &str); 4] = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{id}"), ("GET", "/health")];
             let path = uri.path();
-            let hint = match path.trim_end_matches('/') {
-                t if t != path && ROUTES.contains(&t) => format!(" (did you mean {t}, without the trailing slash?)"),
-                _ => String::new(),
-            };
-            error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {path}{hint}; this server has POST /v1/chat/completions, GET /v1/models, GET /v1/models/{{id}}, GET /health")))
+            let hint = trailing_slash_hint(path, |t| ROUTES.iter().any(|(_, r)| *r == t));
+            let all: Vec<String> = ROUTES.iter().map(|(m, r)| format!("{m} {r}")).collect();
+            error_response(ApiError::new(404, "invalid_request_error", "not_found", format!("no route {path}{hint}; this server has {}", all.join(", "))))
         })
         .with_state(front)
+}
+
+/// " (did you mean X, without the trailing slash?)" when `given` is a known `X` plus
+/// trailing slashes, else "".
+fn trailing_slash_hint(given: &str, known: impl Fn(&str) -> bool) -> String {
+    match given.trim_end_matches('/') {
+        t if t != given && known(t) => format!(" (did you mean {t}, without the trailing slash?)"),
+        _ => String::new(),
+    }
 }
 
 fn json_response(status: u16, body: &Value) -> Response {
@@ -218,6 +226,9 @@ fn error_response(e: ApiError) -> Response {
     let mut r = json_response(e.status, &e.body());
     if let Some(s) = e.retry_after {
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    if e.no_retry {
+        r.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
     }
     r
 }
@@ -262,17 +273,14 @@ async fn model(State(front): State<Arc<Frontend>>, headers: HeaderMap, axum::ext
     if front.names.contains(&id) {
         return json_response(200, &model_object(&front));
     }
-    let hint = match id.trim_end_matches('/') {
-        t if t != id && front.names.iter().any(|n| n == t) => format!(" (did you mean {t:?}, without the trailing slash?)"),
-        _ => String::new(),
-    };
+    let hint = trailing_slash_hint(&id, |t| front.names.iter().any(|n| n == t));
     error_response(ApiError::new(404, "invalid_request_error", "model_not_found", format!("the model {id:?} is not served here{hint}; {}", protocol::served_names(&front))))
 }
 
 async fn chat(State(front): State<Arc<Frontend>>, headers: HeaderMap, body: Body) -> Response {
     match chat_reply(front, headers, body).await {
         Ok(r) => r,
-        Err(e) => error_response_of(e),
+        Err(e) => error_response(e),
     }
 }
 
@@ -372,21 +380,11 @@ fn admit(front: &Frontend, p: &Prepared) -> Result<(UnboundedReceiver<Event>, Ar
     Ok((rx, cancel))
 }
 
-/// The answer to a request still running when the shutdown grace has passed.
+/// The answer to a request still running when the shutdown grace has passed. Not to be
+/// retried at once: the `openai` SDK's automatic retry would only meet a closed port and
+/// hide this reason behind a connection error.
 fn past_grace() -> ApiError {
-    ApiError::new(503, "server_error", "shutting_down", "the server is shutting down and its grace period for requests in flight has passed; this request was cancelled: retry on a running server")
-}
-
-/// The error response; a request cancelled by shutdown also says `x-should-retry: false`
-/// (honoured by the `openai` SDK): its automatic retry would only meet a closed port and
-/// hide the reason behind a connection error.
-fn error_response_of(e: ApiError) -> Response {
-    let shutting_down = e.code == Some("shutting_down");
-    let mut r = error_response(e);
-    if shutting_down {
-        r.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
-    }
-    r
+    ApiError { no_retry: true, ..ApiError::new(503, "server_error", "shutting_down", "the server is shutting down and its grace period for requests in flight has passed; this request was cancelled: retry on a running server") }
 }
 
 /// The next engine event, or Err when the shutdown grace passes first.

@@ -42,8 +42,8 @@ pub use engine::DrainEstimate;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub model: String,
-    /// The name clients use in `model` (default: the preset name or the model's id). The
-    /// `--model` argument itself is accepted too.
+    /// The name clients use in `model` (default: a model file's stem, else the preset name
+    /// or hub id). The `--model` argument itself and the model's id are accepted too.
     pub served_model_name: Option<String>,
     pub host: String,
     /// 0 picks a free port (printed on start).

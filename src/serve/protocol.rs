@@ -29,15 +29,17 @@ pub(super) struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (429 and 503).
     pub retry_after: Option<u64>,
+    /// `x-should-retry: false` (honoured by the `openai` SDK): retrying cannot help.
+    pub no_retry: bool,
 }
 
 impl ApiError {
     pub fn bad(param: Option<&str>, message: impl Into<String>) -> ApiError {
-        ApiError { status: 400, kind: "invalid_request_error", code: None, param: param.map(str::to_string), message: message.into(), retry_after: None }
+        ApiError { status: 400, kind: "invalid_request_error", code: None, param: param.map(str::to_string), message: message.into(), retry_after: None, no_retry: false }
     }
 
     pub fn new(status: u16, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, kind, code: Some(code), param: None, message: message.into(), retry_after: None }
+        ApiError { status, kind, code: Some(code), param: None, message: message.into(), retry_after: None, no_retry: false }
     }
 
     pub fn body(&self) -> Value {
@@ -458,12 +460,11 @@ pub(super) fn logprobs_content(front: &Frontend, lps: &[TokenLogprob]) -> Value 
     json!({"content": content})
 }
 
-/// Every token's bytes, by id, read from the tokenizer's vocabulary the way llguidance reads
-/// it for grammars (byte-level BPE or byte fallback), a special token being its text; None
-/// for a tokenizer of neither kind (its tokens are then decoded one by one).
+/// Every token's bytes, by id ([`crate::engine::constraint::vocabulary_bytes`]), a special
+/// token being its text; None for a tokenizer that is neither byte-level BPE nor byte
+/// fallback (its tokens are then decoded one by one).
 pub(super) fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Option<Vec<Vec<u8>>> {
-    let json: Value = serde_json::from_str(&tokenizer.to_string(false).ok()?).ok()?;
-    let mut table = llguidance::token_bytes_from_tokenizer_json(&json).ok()?;
+    let mut table = crate::engine::constraint::vocabulary_bytes(tokenizer).ok()?;
     for t in &mut table {
         if t.first() == Some(&llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER) {
             t.remove(0);
